@@ -40,6 +40,14 @@ class BitFlip(BaseModel):
     kind: Literal["bit_flip"] = "bit_flip"
     bits: list[Annotated[int, Field(ge=0, le=31)]] | None = Field(default=None, min_length=1)
 
+    @field_validator("bits")
+    @classmethod
+    def _distinct(cls, bits: list[int] | None) -> list[int] | None:
+        # A repeated position would silently make it more likely to be drawn.
+        if bits is not None and len(set(bits)) != len(bits):
+            raise ValueError("bits must not repeat a position")
+        return bits
+
 
 class Gaussian(BaseModel):
     """Additive noise N(0, (sigma · std(layer weights))²) on each damaged weight."""
