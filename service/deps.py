@@ -1,0 +1,86 @@
+"""FastAPI dependencies as ``Annotated`` aliases (the full-stack-fastapi-template way):
+handlers declare ``store: StoreDep`` and get the app's job store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+
+from service.catalog import DatasetCatalog, ModelCatalog
+from service.metrics import GatewayMetrics
+from service.problems import ApiError
+from service.settings import Settings
+from service.state import ServiceState
+from service.store import JobStore
+
+
+def get_state(request: Request) -> ServiceState:
+    """The state of the app serving this request."""
+    state: ServiceState = request.app.state.camres
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def _settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def _store(state: StateDep) -> JobStore:
+    return state.store
+
+
+def _models(state: StateDep) -> ModelCatalog:
+    return state.models
+
+
+def _datasets(state: StateDep) -> DatasetCatalog:
+    return state.datasets
+
+
+def _celery(state: StateDep) -> Celery:
+    return state.celery
+
+
+def _metrics(state: StateDep) -> GatewayMetrics:
+    return state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[JobStore, Depends(_store)]
+ModelsDep = Annotated[ModelCatalog, Depends(_models)]
+DatasetsDep = Annotated[DatasetCatalog, Depends(_datasets)]
+CeleryDep = Annotated[Celery, Depends(_celery)]
+MetricsDep = Annotated[GatewayMetrics, Depends(_metrics)]
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _require(request: Request, *accepted: str) -> None:
+    media_type = _media_type(request)
+    if media_type not in accepted:
+        raise ApiError(
+            415,
+            f"expected {' or '.join(accepted)}, got {media_type or 'no content type'}",
+            problem="unsupported-media-type",
+        )
+
+
+def require_multipart(request: Request) -> None:
+    """415 unless the body is ``multipart/form-data`` (file uploads)."""
+    _require(request, "multipart/form-data")
+
+
+def require_form(request: Request) -> None:
+    """415 unless the body is a form (multipart, or URL-encoded when it carries no file)."""
+    _require(request, "multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is ``application/json``."""
+    _require(request, "application/json")

@@ -1,0 +1,186 @@
+"""Jobs: submit, list, read, cancel, and download artifacts."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import Json
+
+from service.deps import (
+    CeleryDep,
+    DatasetsDep,
+    MetricsDep,
+    ModelsDep,
+    SettingsDep,
+    StoreDep,
+    require_form,
+)
+from service.problems import ApiError, field_error, not_found, problem_responses
+from service.queue import send_job
+from service.schemas import Artifact, ArtifactList, Job, JobList, JobSpec
+from service.settings import JobKind
+from service.store import (
+    InvalidCursorError,
+    JobConflictError,
+    JobError,
+    JobNotFoundError,
+    JobRecord,
+    JobStatus,
+)
+from service.submission import check_references, spec_document, store_images
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_MEDIA_TYPES = {
+    ".png": "image/png",
+    ".json": "application/json",
+    ".npy": "application/octet-stream",
+    ".safetensors": "application/octet-stream",
+    ".csv": "text/csv",
+    ".txt": "text/plain",
+}
+
+SPEC_HELP = (
+    'The job specification as a JSON document (schema JobSpec), discriminated by "kind": '
+    "cam, damage, retrain, train or evaluate."
+)
+
+
+def _get_record(store: StoreDep, job_id: str) -> JobRecord:
+    record = store.get(job_id)
+    if record is None:
+        raise not_found("job", job_id)
+    return record
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    dependencies=[Depends(require_form)],
+    responses=problem_responses(413, 415, 422, 503),
+)
+def create_job(
+    spec: Annotated[Json[JobSpec], Form(description=SPEC_HELP)],
+    settings: SettingsDep,
+    store: StoreDep,
+    models: ModelsDep,
+    datasets: DatasetsDep,
+    celery: CeleryDep,
+    metrics: MetricsDep,
+    response: Response,
+    images: Annotated[
+        list[UploadFile] | None, File(description="Images to explain (cam jobs).")
+    ] = None,
+) -> Job:
+    """Queue a job; poll the returned Location until its status is final."""
+    job_spec = spec.root
+    uploads = images or []
+    check_references(job_spec, settings, models, datasets, len(uploads))
+    job_id = uuid.uuid4().hex
+    if uploads:
+        store_images(uploads, settings.uploads_dir / job_id, settings.max_image_pixels)
+    record = JobRecord(id=job_id, kind=job_spec.kind, spec=spec_document(job_spec))
+    store.create(record)
+    try:
+        send_job(celery, settings, job_id, job_spec.kind)
+    except Exception as exc:  # any broker failure: the job must not stay queued forever
+        log.exception("cannot queue job %s", job_id)
+        store.finish(job_id, "failed", error=JobError(type="BrokerError", message=str(exc)))
+        raise ApiError(
+            503, f"the job could not be queued: {exc}", problem="broker-unavailable"
+        ) from exc
+    metrics.jobs_submitted.labels(job_spec.kind).inc()
+    response.headers["Location"] = f"{router.prefix}/{job_id}"
+    return Job.from_record(record)
+
+
+@router.get("", response_model=JobList, responses=problem_responses(422))
+def list_jobs(
+    store: StoreDep,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> JobList:
+    """Jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    try:
+        page = store.list_jobs(status=status, kind=kind, limit=limit, cursor=cursor)
+    except InvalidCursorError as exc:
+        raise field_error("cursor", "is not a cursor this server handed out") from exc
+    return JobList(
+        items=[Job.from_record(record) for record in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{job_id}", response_model=Job, responses=problem_responses(404))
+def read_job(job_id: str, store: StoreDep) -> Job:
+    """One job: status, progress, result or error."""
+    return Job.from_record(_get_record(store, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel", status_code=202, response_model=Job, responses=problem_responses(404, 409)
+)
+def cancel_job(job_id: str, store: StoreDep) -> Job:
+    """Cancel a job: a queued job is cancelled at once, a running one stops at its next check."""
+    try:
+        record = store.request_cancel(job_id)
+    except JobNotFoundError as exc:
+        raise not_found("job", job_id) from exc
+    except JobConflictError as exc:
+        raise ApiError(409, str(exc), problem="job-finished") from exc
+    return Job.from_record(record)
+
+
+def _artifact_dir(settings: SettingsDep, job_id: str) -> Path:
+    return settings.artifacts_dir / job_id
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=problem_responses(404))
+def list_artifacts(job_id: str, store: StoreDep, settings: SettingsDep) -> ArtifactList:
+    """Files the job wrote so far (overlays, raw maps, JSON results, checkpoints)."""
+    _get_record(store, job_id)
+    folder = _artifact_dir(settings, job_id)
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return ArtifactList(
+        items=[
+            Artifact(
+                name=path.name,
+                size=path.stat().st_size,
+                media_type=_MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                url=f"{router.prefix}/{job_id}/artifacts/{path.name}",
+            )
+            for path in files
+            if _ARTIFACT_NAME.match(path.name)
+        ]
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}, "application/json": {}, "application/octet-stream": {}}},
+        **problem_responses(400, 404),
+    },
+)
+def read_artifact(job_id: str, name: str, store: StoreDep, settings: SettingsDep) -> FileResponse:
+    """Download one artifact by name (names never contain '/')."""
+    if not _ARTIFACT_NAME.match(name) or ".." in name:
+        raise field_error("name", "is not a valid artifact name", status=400)
+    _get_record(store, job_id)
+    path = _artifact_dir(settings, job_id) / name
+    if not path.is_file():
+        raise ApiError(404, f"job {job_id!r} has no artifact {name!r}", problem="not-found")
+    media_type = _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return FileResponse(path, media_type=media_type, filename=name)

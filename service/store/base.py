@@ -1,0 +1,217 @@
+"""The job store's contract: job records, their status machine, worker heartbeats.
+
+The gateway creates a record before it sends the task (so a job is visible at once), the
+worker moves it through ``queued → running → succeeded | failed | cancelled``. Every transition
+is a single atomic compare-and-set in the backend, so a cancel racing a finish, or a task
+redelivered after a worker died, cannot corrupt a record. Torch-free, FastAPI-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from abc import ABC, abstractmethod
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+FinishStatus = Literal["succeeded", "failed", "cancelled"]
+
+
+class StoreError(Exception):
+    """The job store cannot be reached or used."""
+
+
+class JobNotFoundError(StoreError, LookupError):
+    """No job has that id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class JobConflictError(StoreError):
+    """The job is in a status that does not allow the operation (e.g. cancelling a finished
+    job)."""
+
+    def __init__(self, job_id: str, status: str, operation: str) -> None:
+        super().__init__(f"job {job_id!r} is {status}; cannot {operation} it")
+        self.job_id = job_id
+        self.status = status
+
+
+class InvalidCursorError(StoreError, ValueError):
+    """A list cursor that this store did not hand out."""
+
+
+class JobProgress(BaseModel):
+    """The last progress a worker reported: overall fraction, stage and message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    stage: str = ""
+    message: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobError(BaseModel):
+    """Why a job failed: the exception's class name and its message (and the field at fault,
+    when the error names one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    message: str
+    field: str | None = None
+
+
+class JobRecord(BaseModel):
+    """One job as stored. Times are epoch seconds (UTC) so backends can order them exactly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: str
+    status: JobStatus = "queued"
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    spec: dict[str, Any]
+    progress: JobProgress = Field(default_factory=JobProgress)
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+    cancel_requested: bool = False
+    worker: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+class WorkerBeat(BaseModel):
+    """A worker's last sign of life."""
+
+    name: str
+    seen_at: float
+    info: dict[str, Any] = Field(default_factory=dict)
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.seen_at
+
+
+class JobPage(BaseModel):
+    """One page of a job listing, newest first."""
+
+    items: list[JobRecord]
+    next_cursor: str | None = None
+
+
+def utc(timestamp: float | None) -> datetime | None:
+    """Epoch seconds → aware UTC datetime (None stays None)."""
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=timezone.utc)
+
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    """An opaque cursor pointing just after ``(created_at, job_id)`` in newest-first order."""
+    raw = json.dumps([created_at, job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of :func:`encode_cursor`; :class:`InvalidCursorError` for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        if not isinstance(job_id, str) or not isinstance(created_at, int | float):
+            raise ValueError("bad cursor shape")
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidCursorError("invalid cursor") from exc
+    return float(created_at), job_id
+
+
+class JobStore(ABC):
+    """Job records, cancel flags and worker heartbeats, shared by the gateway and workers.
+
+    Implementations must be safe to use from several threads of one process and from several
+    processes (each opens its own connections; a store object survives ``fork``).
+    """
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise :class:`StoreError` when the backend does not answer."""
+
+    @abstractmethod
+    def create(self, record: JobRecord) -> None:
+        """Insert a new record; :class:`JobConflictError` when the id exists."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record, or None."""
+
+    @abstractmethod
+    def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """Records newest first, optionally filtered; ``next_cursor`` continues the listing."""
+
+    @abstractmethod
+    def start(self, job_id: str, worker: str) -> JobRecord | None:
+        """Mark the job running on ``worker`` and return it; None when it must not run
+        (cancelled, finished, unknown). A running job may be started again: that is a task
+        redelivered after its worker died."""
+
+    @abstractmethod
+    def set_progress(self, job_id: str, progress: JobProgress) -> None:
+        """Record progress of a running job (ignored once it finished)."""
+
+    @abstractmethod
+    def finish(
+        self,
+        job_id: str,
+        status: FinishStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: JobError | None = None,
+    ) -> bool:
+        """Move an unfinished job to a final status; False when it had already finished."""
+
+    @abstractmethod
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job at once, or flag a running one for its worker; return the
+        record. :class:`JobNotFoundError` / :class:`JobConflictError` (already finished)."""
+
+    @abstractmethod
+    def cancel_requested(self, job_id: str) -> bool:
+        """True when the job was cancelled or asked to stop."""
+
+    @abstractmethod
+    def fail_running(self, error: JobError, *, worker: str | None = None) -> list[str]:
+        """Fail every running job (of ``worker`` when given) and return their ids: jobs whose
+        worker is known to be gone (the embedded worker restarted)."""
+
+    @abstractmethod
+    def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
+        """Record that ``worker`` is alive now."""
+
+    @abstractmethod
+    def workers(self) -> list[WorkerBeat]:
+        """Known workers and when they were last seen, most recent first."""
+
+    @abstractmethod
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of jobs per ``(kind, status)``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

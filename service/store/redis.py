@@ -1,0 +1,298 @@
+"""Redis job store for the scale-out deployment (the same Redis as the Celery broker).
+
+Layout under ``<prefix>:``: ``job:<id>`` a hash (one field per record attribute, JSON values),
+``jobs`` a sorted set of ids scored by creation time (listing), ``counts`` a hash of
+``kind|status`` → n (metrics), ``workers`` a sorted set of worker names scored by their last
+heartbeat. Every status transition is a Lua script, hence atomic against concurrent gateways
+and workers. Durability is Redis's own (run it with AOF in production).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from service.store.base import (
+    FinishStatus,
+    JobConflictError,
+    JobError,
+    JobNotFoundError,
+    JobPage,
+    JobProgress,
+    JobRecord,
+    JobStore,
+    StoreError,
+    WorkerBeat,
+    decode_cursor,
+    encode_cursor,
+)
+
+# KEYS[1] job hash, KEYS[2] jobs zset, KEYS[3] counts hash; ARGV: id, created_at, kind,
+# status, then field/value pairs.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[4], 1)
+return 1
+"""
+
+# Compare-and-set of the status. KEYS[1] job hash, KEYS[2] counts hash; ARGV[1] allowed
+# statuses joined by ',', ARGV[2] new status, ARGV[3] '1' to refuse when cancel was
+# requested, then field/value pairs to set. Returns the previous status, or false.
+_TRANSITION = """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'kind', 'cancel_requested')
+local status, kind, cancel = fields[1], fields[2], fields[3]
+if not status then return false end
+if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return false end
+if ARGV[3] == '1' and cancel == 'true' then return false end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
+if status ~= ARGV[2] then
+  redis.call('HINCRBY', KEYS[2], kind .. '|' .. status, -1)
+  redis.call('HINCRBY', KEYS[2], kind .. '|' .. ARGV[2], 1)
+end
+return status
+"""
+
+# KEYS[1] job hash; ARGV[1] progress JSON. Only a running job takes progress.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+end
+return 1
+"""
+
+# KEYS[1] job hash; sets the flag on a running job, returns the status it found.
+_FLAG_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', 'true') end
+return status
+"""
+
+_LIST_BATCH = 200
+
+
+#: Stored as plain strings so the Lua scripts can compare them; every other field is JSON.
+_PLAIN = frozenset({"id", "kind", "status"})
+
+
+def _encode(key: str, value: Any) -> str:
+    return str(value) if key in _PLAIN else json.dumps(value, separators=(",", ":"))
+
+
+def _record_fields(record: JobRecord) -> dict[str, str]:
+    return {key: _encode(key, value) for key, value in record.model_dump(mode="json").items()}
+
+
+def _decode(raw: dict[bytes, bytes]) -> JobRecord:
+    data = {}
+    for raw_key, raw_value in raw.items():
+        key = raw_key.decode()
+        data[key] = raw_value.decode() if key in _PLAIN else json.loads(raw_value)
+    return JobRecord.model_validate(data)
+
+
+class RedisJobStore(JobStore):
+    """Jobs in Redis, under one key prefix."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "camres") -> None:
+        self._redis = client
+        self.prefix = prefix.rstrip(":")
+        self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(_TRANSITION)
+        self._progress = client.register_script(_PROGRESS)
+        self._flag_cancel = client.register_script(_FLAG_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "camres") -> RedisJobStore:
+        # redis-py's pool notices a fork (pid check) and reconnects in the child.
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+        return cls(client, prefix)
+
+    # --- keys ------------------------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _job_key(self, job_id: str) -> str:
+        return self._key("job", job_id)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise StoreError(f"job store (redis) error: {exc}") from exc
+
+    def _set(
+        self, job_id: str, allowed: str, new_status: str, fields: dict[str, Any], *, guard: bool
+    ) -> str | None:
+        flat: list[str] = []
+        for key, value in fields.items():
+            flat += [key, _encode(key, value)]
+        previous = self._call(
+            self._transition,
+            keys=[self._job_key(job_id), self._key("counts")],
+            args=[allowed, new_status, "1" if guard else "0", *flat],
+        )
+        return None if previous is None else str(previous.decode())
+
+    # --- contract --------------------------------------------------------------------------
+    def ping(self) -> None:
+        self._call(self._redis.ping)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def create(self, record: JobRecord) -> None:
+        fields = _record_fields(record)
+        flat = [item for pair in fields.items() for item in pair]
+        created = self._call(
+            self._create,
+            keys=[self._job_key(record.id), self._key("jobs"), self._key("counts")],
+            args=[record.id, repr(record.created_at), record.kind, record.status, *flat],
+        )
+        if not created:
+            raise JobConflictError(record.id, "existing", "create")
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self._call(self._redis.hgetall, self._job_key(job_id))
+        return _decode(raw) if raw else None
+
+    def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        after = decode_cursor(cursor) if cursor is not None else None
+        maximum: str = "+inf" if after is None else repr(after[0])
+        items: list[JobRecord] = []
+        offset = 0
+        more = False
+        while not more:
+            batch = self._call(
+                self._redis.zrevrangebyscore,
+                self._key("jobs"),
+                maximum,
+                "-inf",
+                start=offset,
+                num=_LIST_BATCH,
+                withscores=True,
+            )
+            if not batch:
+                break
+            offset += len(batch)
+            records = self._fetch([member.decode() for member, _ in batch])
+            for record in records:
+                if after is not None and (record.created_at, record.id) >= after:
+                    continue
+                if (status and record.status != status) or (kind and record.kind != kind):
+                    continue
+                if len(items) == limit:
+                    more = True
+                    break
+                items.append(record)
+        next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        return JobPage(items=items, next_cursor=next_cursor)
+
+    def _fetch(self, ids: list[str]) -> list[JobRecord]:
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._job_key(job_id))
+        raws = self._call(pipe.execute)
+        # Equal scores come back in reverse member order, which is the (created_at, id)
+        # descending order the SQL store uses too.
+        return [_decode(raw) for raw in raws if raw]
+
+    def start(self, job_id: str, worker: str) -> JobRecord | None:
+        fields = {"started_at": time.time(), "worker": worker}
+        if self._set(job_id, "queued,running", "running", fields, guard=True) is None:
+            return None
+        return self.get(job_id)
+
+    def set_progress(self, job_id: str, progress: JobProgress) -> None:
+        self._call(
+            self._progress,
+            keys=[self._job_key(job_id)],
+            args=[json.dumps(progress.model_dump(mode="json"), separators=(",", ":"))],
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        status: FinishStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: JobError | None = None,
+    ) -> bool:
+        fields = {
+            "finished_at": time.time(),
+            "result": result,
+            "error": None if error is None else error.model_dump(mode="json"),
+        }
+        return self._set(job_id, "queued,running", status, fields, guard=False) is not None
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        fields = {"finished_at": time.time(), "cancel_requested": True}
+        if self._set(job_id, "queued", "cancelled", fields, guard=False) is None:
+            found = self._call(self._flag_cancel, keys=[self._job_key(job_id)], args=[])
+            if found is None:
+                raise JobNotFoundError(job_id)
+            status = found.decode()
+            if status != "running":
+                raise JobConflictError(job_id, status, "cancel")
+        record = self.get(job_id)
+        if record is None:
+            raise JobNotFoundError(job_id)
+        return record
+
+    def cancel_requested(self, job_id: str) -> bool:
+        cancel, status = self._call(
+            self._redis.hmget, self._job_key(job_id), ["cancel_requested", "status"]
+        )
+        return cancel == b"true" or status == b"cancelled"
+
+    def fail_running(self, error: JobError, *, worker: str | None = None) -> list[str]:
+        failed: list[str] = []
+        page = self.list_jobs(status="running", limit=1000)
+        while True:
+            for record in page.items:
+                if worker is not None and record.worker != worker:
+                    continue
+                if self.finish(record.id, "failed", error=error):
+                    failed.append(record.id)
+            if page.next_cursor is None:
+                return failed
+            page = self.list_jobs(status="running", limit=1000, cursor=page.next_cursor)
+
+    def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zadd(self._key("workers"), {worker: now})
+        pipe.hset(self._key("worker-info"), worker, json.dumps(info or {}))
+        self._call(pipe.execute)
+
+    def workers(self) -> list[WorkerBeat]:
+        beats = self._call(self._redis.zrevrange, self._key("workers"), 0, -1, withscores=True)
+        infos = self._call(self._redis.hgetall, self._key("worker-info"))
+        return [
+            WorkerBeat(
+                name=name.decode(),
+                seen_at=score,
+                info=json.loads(infos.get(name, b"{}")),
+            )
+            for name, score in beats
+        ]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        raw = self._call(self._redis.hgetall, self._key("counts"))
+        counts: dict[tuple[str, str], int] = {}
+        for key, value in raw.items():
+            kind, _, status = key.decode().partition("|")
+            if int(value) > 0:
+                counts[(kind, status)] = int(value)
+        return counts

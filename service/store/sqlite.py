@@ -1,0 +1,292 @@
+"""SQLite job store for the embedded deployment (stdlib ``sqlite3``, WAL journal).
+
+WAL lets the gateway read while a worker process writes; each status transition is one
+``UPDATE … WHERE status IN (…)`` so it is atomic across processes without explicit locking.
+Connections are per thread and per process (reopened after ``fork``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from service.store.base import (
+    FinishStatus,
+    JobConflictError,
+    JobError,
+    JobNotFoundError,
+    JobPage,
+    JobProgress,
+    JobRecord,
+    JobStore,
+    StoreError,
+    WorkerBeat,
+    decode_cursor,
+    encode_cursor,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    spec TEXT NOT NULL,
+    progress TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    worker TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY,
+    seen_at REAL NOT NULL,
+    info TEXT NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "id, kind, status, created_at, started_at, finished_at, spec, progress, result, error, "
+    "cancel_requested, worker"
+)
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _row_to_record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        kind=row["kind"],
+        status=row["status"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        spec=json.loads(row["spec"]),
+        progress=JobProgress.model_validate_json(row["progress"]),
+        result=None if row["result"] is None else json.loads(row["result"]),
+        error=None if row["error"] is None else JobError.model_validate_json(row["error"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        worker=row["worker"],
+    )
+
+
+class SQLiteJobStore(JobStore):
+    """Jobs in one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connect() as conn:
+            conn.executescript(_SCHEMA)
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteJobStore:
+        """``sqlite:///absolute/path.db`` or ``sqlite:///relative.db``."""
+        if not url.startswith("sqlite:///"):
+            raise StoreError(f"not a sqlite URL: {url!r}")
+        return cls(url.removeprefix("sqlite:///"))
+
+    # --- connections -----------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            # A connection inherited through fork must not be used by the child.
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            return self._connection()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open job database {self.path}: {exc}") from exc
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._connect().execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"job database error: {exc}") from exc
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+    # --- contract --------------------------------------------------------------------------
+    def ping(self) -> None:
+        self._execute("SELECT 1").fetchone()
+
+    def create(self, record: JobRecord) -> None:
+        try:
+            self._connect().execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.kind,
+                    record.status,
+                    record.created_at,
+                    record.started_at,
+                    record.finished_at,
+                    _dump(record.spec),
+                    record.progress.model_dump_json(),
+                    _dump(record.result),
+                    None if record.error is None else record.error.model_dump_json(),
+                    int(record.cancel_requested),
+                    record.worker,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise JobConflictError(record.id, "existing", "create") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"job database error: {exc}") from exc
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _row_to_record(row)
+
+    def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        where: list[str] = []
+        params: list[Any] = []
+        if cursor is not None:
+            created_at, job_id = decode_cursor(cursor)
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [created_at, created_at, job_id]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._execute(
+            f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, limit + 1),
+        ).fetchall()
+        items = [_row_to_record(row) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            next_cursor = encode_cursor(items[-1].created_at, items[-1].id)
+        return JobPage(items=items, next_cursor=next_cursor)
+
+    def start(self, job_id: str, worker: str) -> JobRecord | None:
+        updated = self._execute(
+            "UPDATE jobs SET status = 'running', started_at = ?, worker = ? "
+            "WHERE id = ? AND status IN ('queued', 'running') AND cancel_requested = 0",
+            (time.time(), worker, job_id),
+        ).rowcount
+        return self.get(job_id) if updated else None
+
+    def set_progress(self, job_id: str, progress: JobProgress) -> None:
+        self._execute(
+            "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'",
+            (progress.model_dump_json(), job_id),
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        status: FinishStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: JobError | None = None,
+    ) -> bool:
+        updated = self._execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ? "
+            "WHERE id = ? AND status IN ('queued', 'running')",
+            (
+                status,
+                time.time(),
+                _dump(result),
+                None if error is None else error.model_dump_json(),
+                job_id,
+            ),
+        ).rowcount
+        return bool(updated)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        now = time.time()
+        conn = self._connect()
+        try:
+            # One write transaction, so the status read and the update cannot interleave
+            # with a worker's start() or finish().
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise JobNotFoundError(job_id)
+                if row["status"] == "queued":
+                    conn.execute(
+                        "UPDATE jobs SET status = 'cancelled', finished_at = ?, "
+                        "cancel_requested = 1 WHERE id = ?",
+                        (now, job_id),
+                    )
+                elif row["status"] == "running":
+                    conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                else:
+                    raise JobConflictError(job_id, row["status"], "cancel")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"job database error: {exc}") from exc
+        record = self.get(job_id)
+        assert record is not None  # jobs are never deleted
+        return record
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._execute(
+            "SELECT cancel_requested, status FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return row is not None and (bool(row["cancel_requested"]) or row["status"] == "cancelled")
+
+    def fail_running(self, error: JobError, *, worker: str | None = None) -> list[str]:
+        clause, params = ("AND worker = ?", (worker,)) if worker is not None else ("", ())
+        ids = [
+            row["id"]
+            for row in self._execute(
+                f"SELECT id FROM jobs WHERE status = 'running' {clause}", params
+            ).fetchall()
+        ]
+        return [job_id for job_id in ids if self.finish(job_id, "failed", error=error)]
+
+    def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
+        self._execute(
+            "INSERT INTO workers (name, seen_at, info) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET seen_at = excluded.seen_at, info = excluded.info",
+            (worker, time.time(), json.dumps(info or {})),
+        )
+
+    def workers(self) -> list[WorkerBeat]:
+        rows = self._execute("SELECT name, seen_at, info FROM workers ORDER BY seen_at DESC")
+        return [
+            WorkerBeat(name=row["name"], seen_at=row["seen_at"], info=json.loads(row["info"]))
+            for row in rows.fetchall()
+        ]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self._execute("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status")
+        return {(row["kind"], row["status"]): row["n"] for row in rows.fetchall()}

@@ -1,0 +1,192 @@
+"""Admission of a job: check what its spec refers to, store its uploaded images.
+
+Everything a client can get wrong is found here, before the job exists, and reported as one
+422 naming every field at fault; a job that is admitted fails later only on what needs the
+model itself (e.g. damage targets that match no layer).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import UploadFile
+from pydantic import BaseModel
+
+from core.exceptions import ImageError
+from core.images import decode_image
+from core.train_spec import CheckpointInit, TrainConfig
+from service.catalog import DatasetCatalog, DatasetInfo, ModelCatalog, ModelInfo
+from service.problems import ApiError, FieldError
+from service.schemas import (
+    AnyJobSpec,
+    CamJobSpec,
+    DamageJobSpec,
+    RetrainJobSpec,
+    TrainJobSpec,
+)
+from service.settings import Settings
+from service.uploads import client_name, safe_filename
+
+#: Name of the per-job file listing uploaded images (read by the worker).
+MANIFEST = "manifest.json"
+
+
+class InputImage(BaseModel):
+    """An uploaded image: the client's name and the stored file (relative to the job folder)."""
+
+    name: str
+    file: str
+
+
+class Manifest(BaseModel):
+    images: list[InputImage]
+
+
+class _Checker:
+    """Collects reference errors so that one response lists all of them."""
+
+    def __init__(self, models: ModelCatalog, datasets: DatasetCatalog) -> None:
+        self.models = models
+        self.datasets = datasets
+        self.errors: list[FieldError] = []
+
+    def fail(self, field: str, message: str) -> None:
+        self.errors.append(FieldError(field=field, message=message))
+
+    def model(self, field: str, model_id: str) -> ModelInfo | None:
+        info = self.models.get(model_id)
+        if info is None:
+            self.fail(field, f"no model with id {model_id!r}")
+        return info
+
+    def dataset(self, field: str, dataset_id: str) -> DatasetInfo | None:
+        info = self.datasets.get(dataset_id)
+        if info is None:
+            self.fail(field, f"no dataset with id {dataset_id!r}")
+        return info
+
+    def subset(self, field: str, names: Sequence[str], known: Sequence[str], what: str) -> None:
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            self.fail(field, f"unknown {what} {', '.join(map(repr, unknown))}")
+
+    def init(self, field: str, config: TrainConfig) -> None:
+        if isinstance(config.init, CheckpointInit):
+            self.model(f"{field}.init.checkpoint", config.init.checkpoint)
+
+
+def check_references(
+    spec: AnyJobSpec,
+    settings: Settings,
+    models: ModelCatalog,
+    datasets: DatasetCatalog,
+    uploads: int,
+) -> None:
+    """Check the models, datasets and class names a spec names; raise one 422 listing all."""
+    check = _Checker(models, datasets)
+    if uploads and not isinstance(spec, CamJobSpec):
+        check.fail("images", "only cam jobs take image files")
+    if isinstance(spec, CamJobSpec):
+        _check_cam(check, spec, settings, uploads)
+    elif isinstance(spec, DamageJobSpec):
+        model = check.model("spec.model", spec.model)
+        if model is not None and model.builtin:
+            check.fail("spec.model", "built-in models have no checkpoint to damage")
+    elif isinstance(spec, RetrainJobSpec):
+        model = check.model("spec.model", spec.model)
+        if model is not None and not model.has_damage_masks:
+            check.fail("spec.model", "is not a damaged checkpoint (it has no damage masks)")
+        check.dataset("spec.dataset", spec.dataset)
+    elif isinstance(spec, TrainJobSpec):
+        dataset = check.dataset("spec.dataset", spec.dataset)
+        if dataset is not None and spec.classes is not None:
+            check.subset("spec.classes", spec.classes, dataset.classes, "class")
+        check.init("spec.config", spec.config)
+        if spec.arch is None and not isinstance(spec.config.init, CheckpointInit):
+            check.fail("spec.arch", "required unless config.init is a checkpoint")
+    else:
+        model = check.model("spec.model", spec.model)
+        dataset = check.dataset("spec.dataset", spec.dataset)
+        if spec.mapping is not None and dataset is not None:
+            check.subset("spec.mapping", list(spec.mapping), dataset.classes, "dataset class")
+        if spec.mapping is not None and model is not None and model.classes is not None:
+            targets = list(spec.mapping.values())
+            check.subset("spec.mapping", targets, model.classes, "model class")
+    if check.errors:
+        raise ApiError(
+            422,
+            "; ".join(f"{e.field}: {e.message}" for e in check.errors),
+            problem="invalid-reference",
+            title="The job refers to something that does not exist",
+            errors=check.errors,
+        )
+
+
+def _check_cam(check: _Checker, spec: CamJobSpec, settings: Settings, uploads: int) -> None:
+    model = check.model("spec.model", spec.model)
+    if model is not None and model.classes is not None and spec.cam.classes is not None:
+        check.subset("spec.cam.classes", spec.cam.classes, model.classes, "class")
+    if spec.images is None and not uploads:
+        check.fail("images", "upload at least one image, or name a dataset in spec.images")
+    elif spec.images is not None and uploads:
+        check.fail("images", "give uploaded images or spec.images, not both")
+    elif uploads > settings.max_images_per_job:
+        check.fail("images", f"at most {settings.max_images_per_job} images per job")
+    if spec.images is not None:
+        dataset = check.dataset("spec.images.dataset", spec.images.dataset)
+        if dataset is not None:
+            classes = spec.images.classes or dataset.classes
+            check.subset("spec.images.classes", classes, dataset.classes, "class")
+            total = sum(min(spec.images.limit, dataset.counts.get(c, 0)) for c in classes)
+            if total > settings.max_images_per_job:
+                check.fail(
+                    "spec.images.limit",
+                    f"selects {total} images, over the limit of {settings.max_images_per_job}",
+                )
+    if spec.retrain is not None:
+        check.dataset("spec.retrain.dataset", spec.retrain.dataset)
+        check.init("spec.retrain.config", spec.retrain.config)
+        if spec.damage is None:
+            check.fail(
+                "spec.retrain", "masked retraining restores a damaged network: give spec.damage"
+            )
+
+
+def store_images(uploads: Sequence[UploadFile], folder: Path, max_pixels: int) -> Manifest:
+    """Validate every uploaded image (full decode, pixel limit) and store its bytes in
+    ``folder`` with a manifest; a 422 naming ``images[i]`` for the first bad one, in which case
+    nothing is left behind."""
+    images: list[InputImage] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for index, upload in enumerate(uploads):
+            name = client_name(upload, f"image-{index}")
+            upload.file.seek(0)
+            data = upload.file.read()
+            try:
+                decode_image(data, max_pixels=max_pixels, name=name)
+            except ImageError as exc:
+                raise ApiError(
+                    422,
+                    exc.message,
+                    problem="invalid-image",
+                    errors=[FieldError(field=f"images[{index}]", message=exc.message)],
+                ) from exc
+            stored = f"{index:03d}-{safe_filename(name, 'image')}"
+            (folder / stored).write_bytes(data)
+            images.append(InputImage(name=name, file=stored))
+        manifest = Manifest(images=images)
+        (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return manifest
+
+
+def spec_document(spec: AnyJobSpec) -> dict[str, Any]:
+    """The spec as stored on the job and echoed back (defaults filled in)."""
+    data: dict[str, Any] = spec.model_dump(mode="json")
+    return data

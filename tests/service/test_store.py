@@ -1,0 +1,271 @@
+"""The job store contract, run against both backends: SQLite (embedded) and a real Redis."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+from service.store import (
+    InvalidCursorError,
+    JobConflictError,
+    JobError,
+    JobNotFoundError,
+    JobProgress,
+    JobRecord,
+    JobStore,
+    StoreError,
+    open_store,
+)
+from service.store.redis import RedisJobStore
+from service.store.sqlite import SQLiteJobStore
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    if request.param == "sqlite":
+        backend: JobStore = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    else:
+        url = request.getfixturevalue("redis_url")
+        backend = RedisJobStore.from_url(url, prefix=request.getfixturevalue("redis_prefix"))
+    yield backend
+    backend.close()
+
+
+def job(job_id: str, kind: str = "cam", created_at: float = 1000.0) -> JobRecord:
+    return JobRecord(id=job_id, kind=kind, spec={"kind": kind, "model": "m"}, created_at=created_at)
+
+
+def test_create_get_round_trip(store: JobStore) -> None:
+    record = job("a")
+    store.create(record)
+    assert store.get("a") == record
+    assert store.get("missing") is None
+
+
+def test_create_refuses_an_existing_id(store: JobStore) -> None:
+    store.create(job("a"))
+    with pytest.raises(JobConflictError):
+        store.create(job("a", kind="train"))
+    stored = store.get("a")
+    assert stored is not None
+    assert stored.kind == "cam"
+
+
+def test_lifecycle_to_success(store: JobStore) -> None:
+    store.create(job("a"))
+    started = store.start("a", "w1")
+    assert started is not None
+    assert started.status == "running"
+    assert started.worker == "w1"
+    assert started.started_at is not None
+    store.set_progress("a", JobProgress(fraction=0.5, stage="cam", message="1/2 images"))
+    running = store.get("a")
+    assert running is not None
+    assert running.progress.fraction == 0.5
+    assert store.finish("a", "succeeded", result={"images": [1, 2]})
+    done = store.get("a")
+    assert done is not None
+    assert (done.status, done.result, done.error) == ("succeeded", {"images": [1, 2]}, None)
+    assert done.finished_at is not None
+    assert done.finished
+    # A finished job takes no more progress, and cannot finish twice.
+    store.set_progress("a", JobProgress(fraction=0.9))
+    assert not store.finish("a", "failed", error=JobError(type="X", message="late"))
+    again = store.get("a")
+    assert again is not None
+    assert again.status == "succeeded"
+    assert again.progress.fraction == 0.5
+
+
+def test_failure_keeps_type_message_and_field(store: JobStore) -> None:
+    store.create(job("a"))
+    store.start("a", "w1")
+    error = JobError(type="DamageSpecError", message="no layer matches", field="targets")
+    assert store.finish("a", "failed", error=error)
+    failed = store.get("a")
+    assert failed is not None
+    assert failed.status == "failed"
+    assert failed.error == error
+
+
+def test_progress_is_ignored_before_the_job_runs(store: JobStore) -> None:
+    store.create(job("a"))
+    store.set_progress("a", JobProgress(fraction=0.7))
+    queued = store.get("a")
+    assert queued is not None
+    assert queued.progress.fraction == 0.0
+
+
+def test_cancel_a_queued_job_then_start_refuses(store: JobStore) -> None:
+    store.create(job("a"))
+    cancelled = store.request_cancel("a")
+    assert cancelled.status == "cancelled"
+    assert cancelled.finished_at is not None
+    assert store.cancel_requested("a")
+    assert store.start("a", "w1") is None
+    with pytest.raises(JobConflictError):
+        store.request_cancel("a")
+
+
+def test_cancel_a_running_job_sets_the_flag(store: JobStore) -> None:
+    store.create(job("a"))
+    store.start("a", "w1")
+    assert not store.cancel_requested("a")
+    flagged = store.request_cancel("a")
+    assert flagged.status == "running"
+    assert flagged.cancel_requested
+    assert store.cancel_requested("a")
+    # A redelivered task must not restart a job that was asked to stop.
+    assert store.start("a", "w2") is None
+    assert store.finish("a", "cancelled")
+    final = store.get("a")
+    assert final is not None
+    assert final.status == "cancelled"
+
+
+def test_cancel_unknown_and_finished_jobs(store: JobStore) -> None:
+    with pytest.raises(JobNotFoundError):
+        store.request_cancel("nope")
+    store.create(job("a"))
+    store.start("a", "w1")
+    store.finish("a", "succeeded", result={})
+    with pytest.raises(JobConflictError):
+        store.request_cancel("a")
+
+
+def test_a_redelivered_running_job_may_start_again(store: JobStore) -> None:
+    store.create(job("a"))
+    store.start("a", "w1")
+    restarted = store.start("a", "w2")
+    assert restarted is not None
+    assert restarted.worker == "w2"
+
+
+def test_list_newest_first_with_cursor_and_filters(store: JobStore) -> None:
+    # Equal creation times are ordered by id, so pages never skip or repeat a job.
+    times = {"j1": 1.0, "j2": 2.0, "j3": 2.0, "j4": 3.0, "j5": 4.0}
+    for job_id, created in times.items():
+        store.create(job(job_id, kind="train" if job_id == "j3" else "cam", created_at=created))
+    store.start("j2", "w")
+    seen: list[str] = []
+    page = store.list_jobs(limit=2)
+    while True:
+        seen += [r.id for r in page.items]
+        if page.next_cursor is None:
+            break
+        page = store.list_jobs(limit=2, cursor=page.next_cursor)
+    assert seen == ["j5", "j4", "j3", "j2", "j1"]
+    assert [r.id for r in store.list_jobs(kind="train").items] == ["j3"]
+    assert [r.id for r in store.list_jobs(status="running").items] == ["j2"]
+    assert [r.id for r in store.list_jobs(status="queued", kind="cam").items] == ["j5", "j4", "j1"]
+    assert store.list_jobs(limit=5).next_cursor is None
+
+
+def test_list_rejects_a_forged_cursor(store: JobStore) -> None:
+    with pytest.raises(InvalidCursorError):
+        store.list_jobs(cursor="not-a-cursor")
+
+
+def test_counts_by_kind_and_status(store: JobStore) -> None:
+    for job_id in ("a", "b", "c"):
+        store.create(job(job_id))
+    store.create(job("t", kind="train"))
+    store.start("a", "w")
+    store.finish("a", "succeeded", result={})
+    store.request_cancel("b")
+    assert store.counts() == {
+        ("cam", "succeeded"): 1,
+        ("cam", "cancelled"): 1,
+        ("cam", "queued"): 1,
+        ("train", "queued"): 1,
+    }
+
+
+def test_fail_running_only_touches_that_workers_running_jobs(store: JobStore) -> None:
+    for job_id in ("a", "b", "c"):
+        store.create(job(job_id))
+    store.start("a", "w1")
+    store.start("b", "w2")
+    error = JobError(type="WorkerLostError", message="gone")
+    assert store.fail_running(error, worker="w1") == ["a"]
+    statuses = {j: store.get(j).status for j in "abc"}  # type: ignore[union-attr]
+    assert statuses == {"a": "failed", "b": "running", "c": "queued"}
+
+
+def test_heartbeats(store: JobStore) -> None:
+    assert store.workers() == []
+    store.heartbeat("w1", {"pid": 1})
+    store.heartbeat("w2", {"pid": 2})
+    store.heartbeat("w1", {"pid": 3})
+    beats = store.workers()
+    assert [b.name for b in beats] == ["w1", "w2"]
+    assert beats[0].info == {"pid": 3}
+    assert beats[0].age() < 60
+
+
+def test_concurrent_finish_and_cancel_leave_one_final_status(store: JobStore) -> None:
+    """A cancel racing the worker's finish: exactly one wins, the record stays consistent."""
+    for i in range(20):
+        job_id = f"race{i}"
+        store.create(job(job_id))
+        store.start(job_id, "w")
+        outcomes: list[str] = []
+
+        def finish(job_id: str = job_id, outcomes: list[str] = outcomes) -> None:
+            if store.finish(job_id, "succeeded", result={}):
+                outcomes.append("finished")
+
+        def cancel(job_id: str = job_id, outcomes: list[str] = outcomes) -> None:
+            try:
+                store.request_cancel(job_id)
+                outcomes.append("flagged")
+            except JobConflictError:
+                outcomes.append("too-late")
+
+        threads = [threading.Thread(target=finish), threading.Thread(target=cancel)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        record = store.get(job_id)
+        assert record is not None
+        assert record.status == "succeeded"
+        assert "finished" in outcomes
+
+
+def test_store_survives_fork(store: JobStore) -> None:
+    """A store created before a prefork pool forks keeps working in the child."""
+    store.create(job("parent"))
+    pid = os.fork()
+    if pid == 0:  # child: exit code tells the parent whether the store worked
+        try:
+            store.create(job("child"))
+            os._exit(0 if store.get("parent") is not None else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get("child") is not None
+
+
+def test_open_store_follows_the_settings(tmp_path: Path, redis_url: str) -> None:
+    embedded = open_store(Settings(data_dir=tmp_path, broker_url=None))
+    assert isinstance(embedded, SQLiteJobStore)
+    assert embedded.path == (tmp_path / "camres.sqlite3").resolve()
+    scaled = open_store(Settings(data_dir=tmp_path, broker_url=redis_url))
+    assert isinstance(scaled, RedisJobStore)
+    with pytest.raises(StoreError):
+        open_store(Settings(data_dir=tmp_path, store_url="postgres://x"))
+
+
+def test_unreachable_redis_is_a_store_error() -> None:
+    store = RedisJobStore.from_url("redis://127.0.0.1:1/0", prefix="camres-test-unreachable")
+    with pytest.raises(StoreError):
+        store.ping()
+    with pytest.raises(StoreError):
+        store.get("a")

@@ -1,0 +1,228 @@
+"""Celery tasks, one per job kind, registered as ``camres.<kind>``.
+
+Each task is thin, like a web view: decode the ids in the job's spec into models, images and
+folders (:mod:`worker.loading`), call one core function, store the artifacts, and return a small
+JSON result that :func:`worker.runtime.run_job` writes to the job record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
+
+from core.damage import damage_checkpoint
+from core.evaluation import evaluate
+from core.explain import write_artifacts
+from core.resilience import RetrainPlan, explain_conditions, retrain_checkpoint
+from core.training import train_classifier
+from service.queue import task_name
+from service.schemas import (
+    CamConditions,
+    CamImageResult,
+    CamJobSpec,
+    CamResult,
+    DamageJobSpec,
+    EvaluateJobSpec,
+    ModelJobResult,
+    RetrainJobSpec,
+    TrainJobSpec,
+)
+from service.store import JobError
+from worker import loading
+from worker.app import celery_app
+from worker.runtime import JobBody, JobContext, current_device, run_job, services
+
+
+class JobTask(Task):
+    """Base of camres tasks: the job id is the only argument."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # run_job records every error a task body raises; what reaches here is the pool
+        # killing the process at the hard time limit, reported in the main process.
+        if isinstance(exc, TimeLimitExceeded) and args:
+            svc = services()
+            limit = svc.settings.task_time_limit
+            error = JobError(
+                type="TimeLimitExceeded", message=f"the job was stopped after {limit} s"
+            )
+            svc.store.finish(args[0], "failed", error=error)
+
+
+def _run(task: Task, job_id: str, body: JobBody) -> dict[str, Any]:
+    return run_job(job_id, task.request.hostname or "worker", body)
+
+
+def write_json(ctx: JobContext, name: str, data: Any) -> Path:
+    """Store a JSON artifact of the job."""
+    path = ctx.artifacts / name
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# --- cam -----------------------------------------------------------------------------------------
+@celery_app.task(name=task_name("cam"), base=JobTask, bind=True)
+def cam(self: Task, job_id: str) -> dict[str, Any]:
+    """CAMs and HAR boxes of a job's images."""
+    return _run(self, job_id, run_cam)
+
+
+def run_cam(ctx: JobContext) -> dict[str, Any]:
+    spec = CamJobSpec.model_validate(ctx.spec)
+    if spec.images is not None:
+        images = loading.dataset_images(
+            ctx, spec.images.dataset, spec.images.classes, spec.images.limit
+        )
+    else:
+        images = loading.uploaded_images(ctx)
+    plan = None
+    if spec.retrain is not None:
+        root = loading.dataset_root(ctx.services, spec.retrain.dataset, "spec.retrain.dataset")
+        plan = RetrainPlan(dataset_root=root, config=spec.retrain.config)
+    # The cached model is shared: explain_conditions restores it (damage) or works on a copy
+    # (retraining), so the next job finds it intact.
+    model, checkpoint = loading.cached(ctx.services, spec.model)
+    conditions = explain_conditions(
+        model,
+        checkpoint.meta,
+        images,
+        spec.cam,
+        damage=spec.damage,
+        retrain_plan=plan,
+        device=current_device(),
+        progress=ctx.progress,
+        should_stop=ctx.should_stop,
+    )
+    entries = []
+    for index, (name, image) in enumerate(images):
+        results = {
+            condition: write_artifacts(
+                explanations[index],
+                image,
+                ctx.artifacts,
+                spec.cam,
+                prefix=f"{index:03d}_{condition}_",
+            )
+            for condition, explanations in conditions.explanations.items()
+        }
+        entries.append(CamImageResult(image=name, conditions=CamConditions(**results)))
+    result = CamResult(
+        images=entries, damage=conditions.damage, retrain=conditions.retrain
+    ).model_dump(mode="json")
+    write_json(ctx, "result.json", result)
+    return result
+
+
+# --- damage -----------------------------------------------------------------------------------
+@celery_app.task(name=task_name("damage"), base=JobTask, bind=True)
+def damage(self: Task, job_id: str) -> dict[str, Any]:
+    """A damaged copy of a model, stored as a new model."""
+    return _run(self, job_id, run_damage)
+
+
+def run_damage(ctx: JobContext) -> dict[str, Any]:
+    spec = DamageJobSpec.model_validate(ctx.spec)
+    source = loading.checkpoint_path(ctx.services, spec.model)
+    produced = ctx.services.models.new_tmp_path()
+    damage_checkpoint(source, spec.damage, produced)
+    info, _ = ctx.services.models.add(produced)
+    result = ModelJobResult(
+        model=info.id, details={"parent": spec.model, "damage": info.damage}
+    ).model_dump(mode="json")
+    write_json(ctx, "model.json", info.model_dump(mode="json"))
+    return result
+
+
+# --- retrain ------------------------------------------------------------------------------------
+@celery_app.task(name=task_name("retrain"), base=JobTask, bind=True)
+def retrain(self: Task, job_id: str) -> dict[str, Any]:
+    """Masked retraining of a damaged model, stored as a new model."""
+    return _run(self, job_id, run_retrain)
+
+
+def run_retrain(ctx: JobContext) -> dict[str, Any]:
+    spec = RetrainJobSpec.model_validate(ctx.spec)
+    source = loading.checkpoint_path(ctx.services, spec.model)
+    root = loading.dataset_root(ctx.services, spec.dataset, "spec.dataset")
+    produced = ctx.services.models.new_tmp_path()
+    outcome = retrain_checkpoint(
+        source,
+        root,
+        spec.config,
+        produced,
+        progress=ctx.progress,
+        should_stop=ctx.should_stop,
+    )
+    info, _ = ctx.services.models.add(produced)
+    details = {
+        "train": outcome.result.model_dump(mode="json"),
+        "damage_check": outcome.damage_check,
+        "before": None if outcome.before is None else outcome.before.model_dump(mode="json"),
+        "after": None if outcome.after is None else outcome.after.model_dump(mode="json"),
+    }
+    write_json(ctx, "retraining.json", {"model": info.id, **details})
+    return ModelJobResult(model=info.id, details=details).model_dump(mode="json")
+
+
+# --- train ------------------------------------------------------------------------------------
+@celery_app.task(name=task_name("train"), base=JobTask, bind=True)
+def train(self: Task, job_id: str) -> dict[str, Any]:
+    """Train a classifier on a dataset, stored as a new model."""
+    return _run(self, job_id, run_train)
+
+
+def run_train(ctx: JobContext) -> dict[str, Any]:
+    spec = TrainJobSpec.model_validate(ctx.spec)
+    root = loading.dataset_root(ctx.services, spec.dataset, "spec.dataset")
+    trained = train_classifier(
+        root,
+        spec.arch,
+        loading.resolve_init(ctx.services, spec.config, "spec.config"),
+        classes=spec.classes,
+        progress=ctx.progress,
+        should_stop=ctx.should_stop,
+    )
+    produced = ctx.services.models.new_tmp_path()
+    trained.save(produced)
+    info, _ = ctx.services.models.add(produced)
+    details = {
+        "train": trained.result.model_dump(mode="json"),
+        "evaluation": None
+        if trained.evaluation is None
+        else trained.evaluation.model_dump(mode="json"),
+    }
+    write_json(ctx, "training.json", {"model": info.id, **details})
+    return ModelJobResult(model=info.id, details=details).model_dump(mode="json")
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+@celery_app.task(name=task_name("evaluate"), base=JobTask, bind=True)
+def evaluate_model(self: Task, job_id: str) -> dict[str, Any]:
+    """Accuracy and confusion matrix of a model on a dataset."""
+    return _run(self, job_id, run_evaluate)
+
+
+def run_evaluate(ctx: JobContext) -> dict[str, Any]:
+    from core.datasets import ClassMapping, ImageDataset, ImageFolder
+    from core.transforms import eval_transform
+
+    spec = EvaluateJobSpec.model_validate(ctx.spec)
+    model, checkpoint = loading.cached(ctx.services, spec.model)
+    classes = checkpoint.meta.classes
+    folder = ImageFolder.from_path(loading.dataset_root(ctx.services, spec.dataset, "spec.dataset"))
+    aligned = ClassMapping(dict(spec.mapping or {})).align(folder, classes)
+    dataset = ImageDataset(aligned.samples, eval_transform(checkpoint.meta.preprocessing))
+    evaluation = evaluate(
+        model,
+        dataset,
+        classes=classes,
+        device=current_device(),
+        progress=ctx.progress,
+        should_stop=ctx.should_stop,
+    )
+    result: dict[str, Any] = evaluation.model_dump(mode="json")
+    write_json(ctx, "evaluation.json", result)
+    return result
