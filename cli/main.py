@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "worker": "cli.serve:worker",
     "submit": "cli.submit:submit",
     "export-openapi": "cli.serve:export_openapi",
+    "sweep": "cli.sweep:sweep",
+    "transfer": "cli.transfer:transfer",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -34,6 +36,8 @@ SHORT_HELP: dict[str, str] = {
     "worker": "Run a Celery worker.",
     "submit": "Submit a job to a running service and download its artifacts.",
     "export-openapi": "Write the gateway's OpenAPI document.",
+    "sweep": "Sweep damage over locations and fractions: accuracy and CAM drift.",
+    "transfer": "Evaluate a model on another dataset through a class mapping, with CAMs.",
 }
 
 
