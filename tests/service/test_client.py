@@ -1,0 +1,307 @@
+"""service.client against the real gateway, served by uvicorn on a loopback port.
+
+No worker runs here, so jobs stay queued: that is enough for uploads, submission, listing,
+cancellation, timeouts and the error mapping. Jobs that run end to end are in
+tests/cli/test_submit.py (integration).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.client import (
+    ApiError,
+    CamresClient,
+    ClientError,
+    JobCancelledError,
+    JobTimeoutError,
+    ServiceUnreachableError,
+    _safe_filename,
+)
+from tests.service.support import TINY_CLASSES, TINY_INPUT_SIZE, free_port
+
+
+@contextmanager
+def serve_app(data_dir: Path) -> Iterator[str]:
+    """The gateway for ``data_dir`` under uvicorn in a thread; yields its base URL."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(data_dir=data_dir))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve_app(tmp_path_factory.mktemp("gateway")) as url:
+        yield url
+
+
+@pytest.fixture
+def api(base_url: str) -> Iterator[CamresClient]:
+    with CamresClient(base_url, backoff=0.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def uploaded(base_url: str, tiny_checkpoint: Path) -> str:
+    """The id of the tiny checkpoint, uploaded once for the module."""
+    with CamresClient(base_url) as api:
+        return str(api.upload_model(tiny_checkpoint)["id"])
+
+
+@pytest.fixture
+def dataset_dir(ucm_dir: Path, tmp_path: Path) -> Path:
+    """Two UC Merced classes, three real images each, plus a hidden file to be left out."""
+    root = tmp_path / "tiny-ucm"
+    for name in ("airplane", "beach"):
+        (root / name).mkdir(parents=True)
+        for source in sorted((ucm_dir / name).glob("*.jpg"))[:3]:
+            shutil.copy(source, root / name / source.name)
+    (root / ".DS_Store").write_bytes(b"\0junk")
+    return root
+
+
+def cam_spec(model: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": "cam", "model": model, "cam": {"top_k": 1}, **extra}
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def test_upload_model_is_listed_and_readable(
+    api: CamresClient, tiny_checkpoint: Path, uploaded: str
+) -> None:
+    info = api.upload_model(tiny_checkpoint)  # the same bytes again: the stored model
+    assert info["id"] == uploaded
+    assert uploaded.startswith("sha256:")
+    assert info["arch"] == "resnet18"
+    assert info["classes"] == TINY_CLASSES
+    assert info["input_size"] == TINY_INPUT_SIZE
+    assert api.get_model(uploaded) == info
+    listed = {m["id"]: m for m in api.list_models()}
+    assert listed[uploaded]["builtin"] is False
+    assert any(m["builtin"] for m in listed.values())
+
+
+def test_upload_of_a_non_checkpoint_is_a_422_naming_the_file(
+    api: CamresClient, ucm_image: Path
+) -> None:
+    with pytest.raises(ApiError) as caught:
+        api.upload_model(ucm_image)
+    assert caught.value.status == 422
+    assert [e.field for e in caught.value.errors] == ["file"]
+
+
+# -- jobs --------------------------------------------------------------------------------
+
+
+def test_submitted_cam_job_is_queued_readable_and_listed(
+    api: CamresClient, uploaded: str, ucm_image: Path
+) -> None:
+    job = api.submit_job(cam_spec(uploaded), [ucm_image])
+    assert job["status"] == "queued"
+    assert job["kind"] == "cam"
+    assert api.get_job(job["id"])["spec"]["model"] == uploaded
+    page = api.list_jobs(kind="cam", status="queued", limit=500)
+    assert job["id"] in [item["id"] for item in page["items"]]
+    assert api.list_artifacts(job["id"]) == []
+
+
+def test_a_job_without_images_is_still_sent_as_multipart(api: CamresClient, uploaded: str) -> None:
+    # The gateway refuses non-multipart job submissions (415); a damage job has no files.
+    job = api.submit_job({"kind": "damage", "model": uploaded, "damage": {"fraction": 0.1}})
+    assert job["kind"] == "damage"
+    assert job["status"] == "queued"
+
+
+def test_unknown_job_maps_the_404_problem(api: CamresClient) -> None:
+    with pytest.raises(ApiError) as caught:
+        api.get_job("no-such-job")
+    error = caught.value
+    assert error.status == 404
+    assert error.title == "Not Found"
+    assert error.detail is not None
+    assert "no-such-job" in error.detail
+    assert error.instance == "/v1/jobs/no-such-job"
+    assert error.method == "GET"
+    assert str(error).startswith("404 Not Found: ")
+
+
+def test_invalid_spec_maps_the_422_problem_with_its_fields(
+    api: CamresClient, uploaded: str, ucm_image: Path
+) -> None:
+    spec = cam_spec(uploaded, damage={"fraction": 2.0})
+    with pytest.raises(ApiError) as caught:
+        api.submit_job(spec, [ucm_image])
+    error = caught.value
+    assert error.status == 422
+    assert "spec.damage.fraction" in [e.field for e in error.errors]
+    # The summary names each field once, even when the detail repeats the field errors.
+    assert str(error).count("spec.damage.fraction") == 1
+
+
+def test_cancelled_job_makes_wait_raise(api: CamresClient, uploaded: str, ucm_image: Path) -> None:
+    job = api.submit_job(cam_spec(uploaded), [ucm_image])
+    assert api.cancel(job["id"])["status"] == "cancelled"
+    with pytest.raises(JobCancelledError) as caught:
+        api.wait(job["id"], poll_interval=0.01, timeout=5)
+    assert caught.value.job_id == job["id"]
+    with pytest.raises(ApiError) as conflict:
+        api.cancel(job["id"])
+    assert conflict.value.status == 409
+
+
+def test_wait_times_out_and_reports_changes_only(
+    api: CamresClient, uploaded: str, ucm_image: Path
+) -> None:
+    job = api.submit_job(cam_spec(uploaded), [ucm_image])
+    seen: list[str] = []
+    with pytest.raises(JobTimeoutError) as caught:
+        api.wait(
+            job["id"],
+            poll_interval=0.02,
+            timeout=0.3,
+            on_progress=lambda j: seen.append(j["status"]),
+        )
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.job["status"] == "queued"
+    assert seen == ["queued"]  # many polls, one unchanged state
+    api.cancel(job["id"])
+
+
+def test_download_of_a_job_without_artifacts_creates_the_folder(
+    api: CamresClient, uploaded: str, ucm_image: Path, tmp_path: Path
+) -> None:
+    job = api.submit_job(cam_spec(uploaded), [ucm_image])
+    out = tmp_path / "out" / "nested"
+    assert api.download_artifacts(job["id"], out) == []
+    assert out.is_dir()
+    api.cancel(job["id"])
+
+
+# -- datasets ----------------------------------------------------------------------------
+
+
+def test_upload_dataset_zips_a_folder(api: CamresClient, dataset_dir: Path) -> None:
+    info = api.upload_dataset(dataset_dir, name="tiny-ucm")
+    assert info["name"] == "tiny-ucm"
+    assert info["classes"] == ["airplane", "beach"]
+    assert info["counts"] == {"airplane": 3, "beach": 3}
+    assert info["num_images"] == 6
+    assert info["id"] in [d["id"] for d in api.list_datasets()]
+
+
+def test_upload_dataset_sends_a_zip_as_is(
+    api: CamresClient, dataset_dir: Path, tmp_path: Path
+) -> None:
+    archive = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in sorted(dataset_dir.glob("*/*.jpg")):
+            zf.write(file, file.relative_to(dataset_dir).as_posix())
+    assert api.upload_dataset(archive)["num_images"] == 6
+
+
+def test_upload_dataset_refuses_a_file_that_is_not_a_zip(
+    api: CamresClient, ucm_image: Path
+) -> None:
+    with pytest.raises(ValueError, match="not a zip"):
+        api.upload_dataset(ucm_image)
+
+
+# -- transport: retries and errors -------------------------------------------------------
+
+
+def counting_client(base_url: str, counter: list[str], **kwargs: Any) -> CamresClient:
+    """A client whose every request attempt is recorded (method) through an httpx hook."""
+    http = httpx.Client(
+        base_url=base_url,
+        timeout=5.0,
+        event_hooks={"request": [lambda request: counter.append(request.method)]},
+    )
+    return CamresClient(base_url, http_client=http, **kwargs)
+
+
+def test_api_key_is_sent_as_a_bearer_token_without_touching_the_callers_client(
+    base_url: str,
+) -> None:
+    sent: list[httpx.Request] = []
+    with httpx.Client(base_url=base_url, event_hooks={"request": [sent.append]}) as http:
+        with CamresClient(base_url, api_key="s3cret", http_client=http) as api:
+            api.health()
+        assert sent[0].headers["Authorization"] == "Bearer s3cret"
+        assert "Authorization" not in http.headers
+        assert not http.is_closed  # the caller's client is the caller's to close
+
+
+def test_get_is_retried_on_503_then_raises_the_problem(base_url: str) -> None:
+    attempts: list[str] = []
+    with counting_client(base_url, attempts, retries=2, backoff=0.0) as api:
+        # No worker has ever sent a heartbeat: the gateway is alive but not ready.
+        with pytest.raises(ApiError) as caught:
+            api.ready()
+        assert api.health() == {"status": "ok"}
+    assert caught.value.status == 503
+    assert "worker" in caught.value.extensions["checks"]  # a problem extension member
+    assert attempts == ["GET", "GET", "GET", "GET"]  # 3 for /readyz, 1 for /healthz
+
+
+def test_connection_errors_are_retried_for_get_only(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    attempts: list[str] = []
+    with counting_client(closed, attempts, retries=2, backoff=0.0) as api:
+        with pytest.raises(ServiceUnreachableError, match="cannot reach"):
+            api.get_job("x")
+        assert attempts == ["GET"] * 3
+        attempts.clear()
+        with pytest.raises(ServiceUnreachableError):
+            api.upload_model(tiny_checkpoint)
+        assert attempts == ["POST"]  # a POST is never repeated
+
+
+def test_error_response_without_problem_body_keeps_status_and_text() -> None:
+    request = httpx.Request("GET", "http://gateway/v1/jobs/abc")
+    response = httpx.Response(502, text="<html>Bad gateway</html>", request=request)
+    error = ApiError.from_response(response)
+    assert (error.status, error.title, error.errors) == (502, "Bad Gateway", [])
+    assert error.detail == "<html>Bad gateway</html>"
+    assert error.url == "http://gateway/v1/jobs/abc"
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "a/b.png", "..", "", "dir\\x.png"])
+def test_artifact_names_that_escape_the_folder_are_refused(name: str) -> None:
+    with pytest.raises(ClientError, match="unsafe artifact name"):
+        _safe_filename(name)
+
+
+def test_client_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="retries"):
+        CamresClient("http://127.0.0.1:1", retries=-1)
+    with CamresClient("http://127.0.0.1:1") as api, pytest.raises(ValueError, match="poll"):
+        api.wait("x", poll_interval=0)
