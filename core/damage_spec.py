@@ -9,7 +9,6 @@ checked when the spec is applied, and raise :class:`core.exceptions.DamageSpecEr
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -71,17 +70,13 @@ class DamageSpec(BaseModel):
         description="Presets D1–D4, module names, or glob patterns over module names.",
     )
     fraction: float = Field(
-        gt=0.0, le=1.0, description="Fraction of each target layer's weights to damage."
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Fraction of each target layer's weights to damage.",
     )
     fault: FaultSpec = Field(default_factory=StuckAt)
     seed: int = Field(default=0, ge=0, lt=2**63)
-
-    @field_validator("fraction")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("fraction must be a finite number in (0, 1]")
-        return value
 
     @field_validator("targets")
     @classmethod

@@ -13,7 +13,7 @@ from pathlib import Path
 # pool oversubscribes them and made forward passes up to ~50x slower here. Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CAMRES_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
