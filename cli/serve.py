@@ -4,7 +4,8 @@
 Celery worker (a child process) sharing the embedded broker and job store under the data
 folder, with no external server. The worker goes through exactly the code path of a scaled-out
 ``camres worker``; it is stopped when the gateway stops (SIGINT/SIGTERM), and the gateway
-stops if the worker dies.
+stops if the worker dies. Without API keys configured, access control is off: fine on the
+loopback interface (the default), warned about on any other.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ log = logging.getLogger("camres.serve")
 
 #: Seconds a stopping worker may take to finish its current task before it is killed.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+#: Hosts only this machine can reach: serving there without API keys is the local default.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _apply_env(**values: object) -> None:
@@ -127,6 +130,12 @@ def serve(
     settings = get_settings()
     settings.ensure_dirs()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if not settings.auth_enabled and settings.host not in LOOPBACK_HOSTS:
+        log.warning(
+            "serving on %s with access control off: anyone who can reach it sees every model, "
+            "dataset and job; set CAMRES_API_KEYS (and CAMRES_ADMIN_KEYS)",
+            settings.host,
+        )
     config = uvicorn.Config(
         "service.app:create_app",
         factory=True,

@@ -6,6 +6,7 @@ imports torch (the heavy lifting is in ``worker``), so it starts fast and stays 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,8 @@ from service.routers import datasets, health, jobs, models
 from service.settings import Settings, get_settings
 from service.state import ServiceState
 
+log = logging.getLogger(__name__)
+
 API_VERSION = "1.0.0"
 
 DESCRIPTION = """\
@@ -27,6 +30,10 @@ and how they hold up when the network's weights are damaged and after masked ret
 Long computations are **jobs**: `POST /v1/jobs` answers `202` with a `Location` to poll;
 results and downloadable artifacts appear when the job's status is `succeeded`. Every error is
 an `application/problem+json` document (RFC 9457) whose `errors` name the fields at fault.
+
+When the server has API keys configured, every `/v1` request sends one in the `X-API-Key`
+header (or as `Authorization: Bearer <key>`), and each key sees only its owner's models,
+datasets and jobs; without keys (the default of a local installation) everything is shared.
 """
 
 
@@ -51,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build a gateway for ``settings`` (default: from the environment)."""
     settings = settings or get_settings()
     state = ServiceState.create(settings)
+    if not settings.auth_enabled:
+        log.info("no API keys configured: access control is off (every client sees everything)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -152,7 +152,8 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         detail = f"method {request.method} is not allowed on {request.url.path}"
         headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     # A streamed body cut off by service.limits arrives here; name it as the declared case does.
-    problem = "content-too-large" if exc.status_code == 413 else None
+    # A 400 is a body the framework could not parse (e.g. broken multipart framing).
+    problem = {413: "content-too-large", 400: "malformed-body"}.get(exc.status_code)
     return problem_response(
         request, ApiError(exc.status_code, detail, problem=problem, headers=headers)
     )
@@ -163,7 +164,10 @@ def _allowed_methods(request: Request) -> list[str]:
     the first route that matched the path)."""
     methods: set[str] = set()
     paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
-    for template, operations in paths.items():
+    # A literal path (/v1/datasets/register) is its own resource, not an instance of the
+    # template it also matches (/v1/datasets/{dataset_id}).
+    exact = paths.get(request.url.path)
+    for template, operations in {request.url.path: exact}.items() if exact else paths.items():
         pattern, _, _ = compile_path(template)
         if pattern.match(request.url.path):
             methods |= {method.upper() for method in operations}

@@ -39,9 +39,11 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": settings.broker_polling_interval,
         }
     return {
-        # With acks_late an unacknowledged task is redelivered after the visibility timeout,
-        # so it must outlast the longest task or long jobs would run twice.
-        "visibility_timeout": settings.task_time_limit + 600,
+        # With acks_late, the task of a worker that vanished (its message unacknowledged) is
+        # redelivered after the visibility timeout, so it must outlast the longest task or a
+        # long job would run twice. A pool process that dies is noticed by its worker, which
+        # requeues the task at once (task_reject_on_worker_lost).
+        "visibility_timeout": settings.effective_visibility_timeout,
         # Broker keys live under the deployment's prefix, next to the job store's.
         "global_keyprefix": f"{settings.redis_prefix}:broker:",
     }

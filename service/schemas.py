@@ -17,6 +17,7 @@ from core.damage_spec import DamageSpec
 from core.results import ImageCam
 from core.train_spec import Evaluation, TrainConfig
 from service.catalog import DatasetInfo, ModelInfo
+from service.settings import OWNER_NAME
 from service.store import JobError, JobProgress, JobRecord, JobStatus, utc
 
 _STRICT = ConfigDict(extra="forbid")
@@ -144,6 +145,11 @@ class DatasetRegistration(BaseModel):
 
     path: str = Field(min_length=1, max_length=4096, description="Absolute folder path.")
     name: str = Field(min_length=1, max_length=200)
+    owner: str | None = Field(
+        default=None,
+        pattern=OWNER_NAME.pattern,
+        description="Owner to register it for (default: the admin's own).",
+    )
 
 
 class CamConditions(BaseModel):
@@ -198,6 +204,10 @@ class Job(BaseModel):
     spec: dict[str, Any]
     result: JobResult | None = None
     error: JobError | None = None
+    attempts: int = Field(
+        default=0, description="Times a worker started it (more than 1: its worker died)."
+    )
+    owner: str | None = Field(default=None, description="Who submitted it; null: unowned.")
     links: JobLinks
 
     @classmethod
@@ -215,6 +225,8 @@ class Job(BaseModel):
             spec=record.spec,
             result=record.result,
             error=record.error,
+            attempts=record.attempts,
+            owner=record.owner,
             links=JobLinks(self=f"{base}/{record.id}", artifacts=f"{base}/{record.id}/artifacts"),
         )
 

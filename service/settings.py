@@ -9,18 +9,32 @@ Deployment shapes:
   transport under ``data_dir/broker`` and jobs live in a SQLite file under ``data_dir``;
 * scale-out: ``CAMRES_BROKER_URL=redis://host:6379/0``; jobs live in the same Redis (under
   ``redis_prefix``) and ``data_dir`` is a volume shared by the gateway and every worker.
+
+Access control is off until API keys are configured (``CAMRES_API_KEYS``, ``CAMRES_ADMIN_KEYS``):
+the embedded default is meant for one user on their own machine. With keys, every request to
+``/v1`` needs one, and each owner sees only their own models, datasets and jobs.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+DAY = 24 * 3600
+
+#: Owner names: they name folders on the shared volume and appear in job records.
+OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Shorter keys are refused: an API key is the only secret between a client and its data.
+MIN_KEY_LENGTH = 16
+#: Owner of an admin key given without one.
+DEFAULT_ADMIN_OWNER = "admin"
 
 JobKind = Literal["cam", "damage", "retrain", "train", "evaluate"]
 JOB_KINDS: tuple[JobKind, ...] = ("cam", "damage", "retrain", "train", "evaluate")
@@ -31,10 +45,46 @@ def _default_cpu_kinds() -> list[JobKind]:
     return ["damage"]
 
 
+def parse_keys(value: Any, default_owner: str | None) -> dict[str, str]:
+    """API keys from the environment: a JSON object ``{"<key>": "<owner>"}`` or the CSV
+    ``<key>:<owner>,<key>:<owner>``. ``default_owner`` is the owner of a bare ``<key>`` (None:
+    an owner is required)."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, str) and value.strip().startswith(("{", "[")):
+        parsed = json.loads(value)
+        if not isinstance(parsed, dict):
+            raise ValueError("API keys must be a JSON object or '<key>:<owner>,...'")
+        pairs = list(parsed.items())
+    elif isinstance(value, str):
+        pairs = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, sep, owner = item.partition(":")
+            pairs.append((key.strip(), owner.strip() if sep else default_owner))
+    else:
+        raise ValueError("API keys must be a JSON object or '<key>:<owner>,...'")
+    keys: dict[str, str] = {}
+    for key, owner in pairs:
+        if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH or key != key.strip():
+            raise ValueError(f"an API key must be at least {MIN_KEY_LENGTH} characters")
+        if owner is None:
+            raise ValueError("every API key needs an owner: '<key>:<owner>'")
+        if not isinstance(owner, str) or not OWNER_NAME.match(owner):
+            raise ValueError(
+                f"owner {owner!r} must be 1–64 letters, digits, '_', '.' or '-' (first: a "
+                "letter or digit)"
+            )
+        keys[key] = owner
+    return keys
+
+
 class Settings(BaseSettings):
     """Everything a deployment may tune. Paths are resolved against the working directory."""
 
-    model_config = SettingsConfigDict(env_prefix="CAMRES_", extra="ignore")
+    # Errors must not echo values: API keys are among them.
+    model_config = SettingsConfigDict(
+        env_prefix="CAMRES_", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- where things live ---------------------------------------------------------------
     data_dir: Path = Field(
@@ -53,6 +103,18 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
+    # --- access control ----------------------------------------------------------------------
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        repr=False,
+        description='Client keys → owner: JSON {"<key>": "<owner>"} or "<key>:<owner>,...".',
+    )
+    admin_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        repr=False,
+        description="Keys that see every owner's resources (same format; owner optional).",
+    )
+
     # --- upload limits -----------------------------------------------------------------------
     max_request_bytes: int = Field(default=1 * MiB, ge=1, description="Non-upload bodies.")
     max_model_bytes: int = Field(default=1024 * MiB, ge=1)
@@ -62,6 +124,23 @@ class Settings(BaseSettings):
     max_job_upload_bytes: int = Field(default=128 * MiB, ge=1, description="All job images.")
     max_images_per_job: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
+
+    # --- jobs --------------------------------------------------------------------------------
+    max_active_jobs: int = Field(
+        default=50, ge=1, description="Queued + running jobs per owner; beyond: 429."
+    )
+    busy_retry_after: int = Field(default=10, ge=1, description="Retry-After of a 429, seconds.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Runs of a job whose worker dies before it is failed."
+    )
+    result_ttl: int = Field(
+        default=7 * DAY,
+        ge=0,
+        description="Seconds a finished job and its artifacts are kept; 0: forever.",
+    )
+    retention_interval: float = Field(
+        default=300.0, gt=0.0, description="Seconds between a worker's expiry sweeps."
+    )
 
     # --- datasets already on the shared store ------------------------------------------------
     allow_dataset_register: bool = False
@@ -85,12 +164,34 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=5.0, gt=0.0)
     heartbeat_max_age: float = Field(default=30.0, gt=0.0, description="Readiness threshold.")
     broker_polling_interval: float = Field(default=0.2, gt=0.0, description="Filesystem broker.")
+    broker_visibility_timeout: int | None = Field(
+        default=None,
+        ge=1,
+        description="Redis: seconds before a task of a vanished worker is redelivered; "
+        "default: the hard time limit + 10 min (it must outlast the longest task).",
+    )
 
     # --- models ----------------------------------------------------------------------------------
     builtin_models: list[str] = Field(
         default_factory=lambda: ["resnet50:imagenet"],
         description='torchvision ImageNet models offered as "<arch>:imagenet".',
     )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _client_keys(cls, value: Any) -> dict[str, str]:
+        return parse_keys(value, default_owner=None)
+
+    @field_validator("admin_keys", mode="before")
+    @classmethod
+    def _admin_keys(cls, value: Any) -> dict[str, str]:
+        return parse_keys(value, default_owner=DEFAULT_ADMIN_OWNER)
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> Settings:
+        if self.api_keys.keys() & self.admin_keys.keys():
+            raise ValueError("a key cannot be both a client key and an admin key")
+        return self
 
     @field_validator("builtin_models")
     @classmethod
@@ -106,6 +207,15 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when no external broker is configured."""
         return self.broker_url is None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when API keys are configured: then every ``/v1`` request needs one."""
+        return bool(self.api_keys or self.admin_keys)
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        return self.broker_visibility_timeout or self.task_time_limit + 600
 
     @property
     def effective_broker_url(self) -> str:

@@ -1,5 +1,6 @@
 """What a gateway instance holds for its lifetime: settings, job store, catalogs, the Celery
-producer and the metrics registry. Built once per app by :func:`service.app.create_app`."""
+producer, the metrics registry and the API keys. Built once per app by
+:func:`service.app.create_app`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from service.auth import KeyRing
 from service.catalog import DatasetCatalog, ModelCatalog, dataset_catalog, model_catalog
 from service.metrics import GatewayMetrics
 from service.queue import make_celery
@@ -22,6 +24,7 @@ class ServiceState:
     datasets: DatasetCatalog
     celery: Celery
     metrics: GatewayMetrics
+    keys: KeyRing
 
     @classmethod
     def create(cls, settings: Settings) -> ServiceState:
@@ -34,6 +37,7 @@ class ServiceState:
             datasets=dataset_catalog(settings),
             celery=make_celery(settings),
             metrics=GatewayMetrics.create(store),
+            keys=KeyRing(settings),
         )
 
     def close(self) -> None:

@@ -1,12 +1,15 @@
 """Admission of a job: check what its spec refers to, store its uploaded images.
 
 Everything a client can get wrong is found here, before the job exists, and reported as one
-422 naming every field at fault; a job that is admitted fails later only on what needs the
-model itself (e.g. damage targets that match no layer).
+422 naming every field at fault — including damage targets that select no weighted module of a
+stored checkpoint (read from its header, without torch). A job that is admitted fails later
+only on what needs the model itself (e.g. the damage targets of a built-in model) or on what
+changed meanwhile (a model deleted after submission).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +18,12 @@ from typing import Any
 from fastapi import UploadFile
 from pydantic import BaseModel
 
-from core.exceptions import ImageError
+from core.damage_spec import DamageSpec
+from core.exceptions import CheckpointError, ImageError
 from core.images import decode_image
 from core.train_spec import CheckpointInit, TrainConfig
 from service.catalog import DatasetCatalog, DatasetInfo, ModelCatalog, ModelInfo
+from service.catalog.weights import SIGNATURES, damage_target_error
 from service.problems import ApiError, FieldError
 from service.schemas import (
     AnyJobSpec,
@@ -45,28 +50,68 @@ class Manifest(BaseModel):
     images: list[InputImage]
 
 
-class _Checker:
-    """Collects reference errors so that one response lists all of them."""
+def strict_json(value: Any) -> Any:
+    """Refuse the ``NaN`` and ``Infinity`` tokens that Python's JSON reader accepts: they are
+    not JSON (RFC 8259), and a NaN would otherwise be reported as "not ≤ 1"."""
+    if isinstance(value, str | bytes | bytearray):
+        try:
+            json.loads(value, parse_constant=_no_constant)
+        except ValueError:  # not JSON at all: the Json type reports it
+            pass
+        except _NonFinite as exc:
+            raise ValueError(str(exc)) from None
+    return value
 
-    def __init__(self, models: ModelCatalog, datasets: DatasetCatalog) -> None:
+
+class _NonFinite(Exception):
+    """A NaN or Infinity token (kept apart from the ValueError of malformed JSON)."""
+
+
+def _no_constant(token: str) -> Any:
+    raise _NonFinite(f"{token} is not valid JSON: write numbers as finite decimals")
+
+
+class _Checker:
+    """Collects reference errors so that one response lists all of them. Models and datasets
+    are looked up among ``owner``'s (and the built-in models)."""
+
+    def __init__(self, models: ModelCatalog, datasets: DatasetCatalog, owner: str | None) -> None:
         self.models = models
         self.datasets = datasets
+        self.owner = owner
         self.errors: list[FieldError] = []
 
     def fail(self, field: str, message: str) -> None:
         self.errors.append(FieldError(field=field, message=message))
 
     def model(self, field: str, model_id: str) -> ModelInfo | None:
-        info = self.models.get(model_id)
+        info = self.models.get(model_id, self.owner)
         if info is None:
             self.fail(field, f"no model with id {model_id!r}")
         return info
 
     def dataset(self, field: str, dataset_id: str) -> DatasetInfo | None:
-        info = self.datasets.get(dataset_id)
+        info = self.datasets.get(dataset_id, self.owner)
         if info is None:
             self.fail(field, f"no dataset with id {dataset_id!r}")
         return info
+
+    def damage(self, field: str, model: ModelInfo | None, spec: DamageSpec | None) -> None:
+        """Damage targets must select weighted modules of a stored model (built-ins are
+        checked by the worker)."""
+        if model is None or spec is None or model.builtin:
+            return
+        try:
+            header = self.models.header(model.id, self.owner)
+        except CheckpointError:  # replaced or damaged meanwhile: the worker will report it
+            return
+        problem = None if header is None else damage_target_error(spec, header)
+        if problem is not None:
+            self.fail(f"{field}.targets", problem)
+
+    def arch(self, field: str, arch: str) -> None:
+        if arch not in SIGNATURES:
+            self.fail(field, f"unknown architecture {arch!r}; known: {', '.join(SIGNATURES)}")
 
     def subset(self, field: str, names: Sequence[str], known: Sequence[str], what: str) -> None:
         unknown = [name for name in names if name not in known]
@@ -84,9 +129,11 @@ def check_references(
     models: ModelCatalog,
     datasets: DatasetCatalog,
     uploads: int,
+    owner: str | None = None,
 ) -> None:
-    """Check the models, datasets and class names a spec names; raise one 422 listing all."""
-    check = _Checker(models, datasets)
+    """Check the models, datasets, class names, architecture and damage targets a spec names
+    (among ``owner``'s); raise one 422 listing every problem."""
+    check = _Checker(models, datasets, owner)
     if uploads and not isinstance(spec, CamJobSpec):
         check.fail("images", "only cam jobs take image files")
     if isinstance(spec, CamJobSpec):
@@ -95,6 +142,7 @@ def check_references(
         model = check.model("spec.model", spec.model)
         if model is not None and model.builtin:
             check.fail("spec.model", "built-in models have no checkpoint to damage")
+        check.damage("spec.damage", model, spec.damage)
     elif isinstance(spec, RetrainJobSpec):
         model = check.model("spec.model", spec.model)
         if model is not None and not model.has_damage_masks:
@@ -107,6 +155,8 @@ def check_references(
         check.init("spec.config", spec.config)
         if spec.arch is None and not isinstance(spec.config.init, CheckpointInit):
             check.fail("spec.arch", "required unless config.init is a checkpoint")
+        if spec.arch is not None:
+            check.arch("spec.arch", spec.arch)
     else:
         model = check.model("spec.model", spec.model)
         dataset = check.dataset("spec.dataset", spec.dataset)
@@ -129,6 +179,7 @@ def _check_cam(check: _Checker, spec: CamJobSpec, settings: Settings, uploads: i
     model = check.model("spec.model", spec.model)
     if model is not None and model.classes is not None and spec.cam.classes is not None:
         check.subset("spec.cam.classes", spec.cam.classes, model.classes, "class")
+    check.damage("spec.damage", model, spec.damage)
     if spec.images is None and not uploads:
         check.fail("images", "upload at least one image, or name a dataset in spec.images")
     elif spec.images is not None and uploads:

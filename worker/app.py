@@ -5,32 +5,30 @@ gateway; the tasks live in :mod:`worker.tasks`.
 Process signals:
 
 * ``worker_init`` (main process, before consuming): create the data folders; in the embedded
-  deployment, fail the jobs this worker left running when it last stopped (the filesystem
-  broker deleted their messages on delivery, so they would never run again).
+  deployment, recover the jobs a crash left behind (:mod:`worker.recovery`).
 * ``worker_process_init`` (each pool process, after the fork): choose the compute device.
   This is the first place CUDA may be touched.
-* ``worker_ready`` (main process): start the heartbeat the gateway's ``/readyz`` reads.
-* ``worker_shutdown`` (main process): stop the heartbeat.
+* ``worker_ready`` (main process): start the heartbeat the gateway's ``/readyz`` reads, and
+  the periodic deletion of expired jobs (:mod:`service.retention`).
+* ``worker_shutdown`` (main process): stop both.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from celery import Celery, signals
 
 from service.queue import make_celery
+from service.retention import purge_expired
 from service.settings import get_settings
-from service.store import JobError, JobStore
 from worker import runtime
-
-log = logging.getLogger(__name__)
+from worker.recovery import recover_embedded
 
 celery_app: Celery = make_celery(get_settings(), include=("worker.tasks",))
 
-_heartbeat: runtime.Heartbeat | None = None
+_background: list[runtime.Periodic] = []
 
 
 @signals.worker_init.connect
@@ -41,7 +39,7 @@ def _prepare(sender: Any = None, **_: Any) -> None:
     settings.ensure_dirs()
     name = getattr(sender, "hostname", None)
     if settings.embedded and name:
-        _fail_orphans(runtime.services().store, name)
+        recover_embedded(runtime.services().store, settings, name)
 
 
 @signals.worker_process_init.connect
@@ -51,37 +49,31 @@ def _init_process(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    global _heartbeat
     svc = runtime.services()
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     task_consumer = getattr(sender, "task_consumer", None)
     queues = sorted(q.name for q in getattr(task_consumer, "queues", []))
-    _heartbeat = runtime.Heartbeat(
-        svc.store,
-        name,
-        svc.settings.heartbeat_interval,
-        {"pid": os.getpid(), "queues": queues},
+    _background.append(
+        runtime.Heartbeat(
+            svc.store,
+            name,
+            svc.settings.heartbeat_interval,
+            {"pid": os.getpid(), "queues": queues},
+        )
     )
-    _heartbeat.start()
-
-
-def _fail_orphans(store: JobStore, name: str) -> None:
-    """Fail the jobs a previous run of this worker left running. Only in the embedded
-    deployment: the filesystem broker deletes a message when it is delivered, so those jobs
-    will never run again. With Redis the unacknowledged message is redelivered instead (and a
-    second worker may share this name), so nothing is touched there."""
-    orphans = store.fail_running(
-        JobError(
-            type="WorkerLostError",
-            message="the worker stopped while this job was running; submit it again",
-        ),
-        worker=name,
-    )
-    if orphans:
-        log.warning("failed job(s) left running by a previous %s: %s", name, ", ".join(orphans))
+    if svc.settings.result_ttl:
+        _background.append(
+            runtime.Periodic(
+                "camres-retention",
+                svc.settings.retention_interval,
+                lambda: purge_expired(svc.store, svc.settings),
+            )
+        )
+    for thread in _background:
+        thread.start()
 
 
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
-    if _heartbeat is not None:
-        _heartbeat.stop()
+    while _background:
+        _background.pop().stop()

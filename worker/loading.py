@@ -1,6 +1,7 @@
 """Turning the ids in a job spec into things the core takes: models, checkpoints, images,
-dataset folders. Every miss is an :class:`core.exceptions.InputError` naming the spec field,
-so the job fails with a message the client can act on (e.g. a model deleted after submission).
+dataset folders — among the job owner's only. Every miss is an
+:class:`core.exceptions.InputError` naming the spec field, so the job fails with a message the
+client can act on (e.g. a model deleted after submission).
 """
 
 from __future__ import annotations
@@ -19,29 +20,32 @@ from core.models import IMAGENET_CLASSES, build_model, get_arch
 from core.preprocessing import Preprocessing
 from core.train_spec import CheckpointInit, TrainConfig
 from service.submission import MANIFEST, Manifest
-from worker.runtime import JobContext, Loaded, WorkerServices, current_device, model_cache
+from worker.runtime import JobContext, Loaded, current_device, model_cache
 
 
-def checkpoint_path(svc: WorkerServices, model_id: str, field: str = "spec.model") -> Path:
-    """The stored checkpoint of ``model_id``."""
-    path = svc.models.checkpoint_path(model_id)
+def checkpoint_path(ctx: JobContext, model_id: str, field: str = "spec.model") -> Path:
+    """The stored checkpoint of ``model_id`` among the job owner's models."""
+    path = ctx.services.models.checkpoint_path(model_id, ctx.owner)
     if path is None:
         raise CheckpointError(f"no stored checkpoint for model {model_id!r}", field=field)
     return path
 
 
-def load(svc: WorkerServices, model_id: str, field: str = "spec.model") -> Loaded:
+def load(ctx: JobContext, model_id: str, field: str = "spec.model") -> Loaded:
     """A fresh model (the caller may modify it) and its checkpoint, on this process's device."""
     device = current_device()
-    if model_id in svc.models.builtins:
+    if model_id in ctx.services.models.builtins:
         return _load_builtin(model_id, device)
-    model, checkpoint = load_model(checkpoint_path(svc, model_id, field), device=device)
+    model, checkpoint = load_model(checkpoint_path(ctx, model_id, field), device=device)
     return model, checkpoint
 
 
-def cached(svc: WorkerServices, model_id: str, field: str = "spec.model") -> Loaded:
-    """A shared, read-only model from this process's LRU cache."""
-    return model_cache().get(model_id, lambda: load(svc, model_id, field))
+def cached(ctx: JobContext, model_id: str, field: str = "spec.model") -> Loaded:
+    """A shared, read-only model from this process's LRU cache. Ids are content digests, so
+    one owner's cached copy serves another's identical upload; the owner must still have it."""
+    if model_id not in ctx.services.models.builtins:
+        checkpoint_path(ctx, model_id, field)
+    return model_cache().get(model_id, lambda: load(ctx, model_id, field))
 
 
 def _load_builtin(model_id: str, device: str) -> Loaded:
@@ -67,18 +71,18 @@ def _unique(names: list[str]) -> list[str]:
     return [f"{name} ({i})" if seen[name] > 1 else name for i, name in enumerate(names)]
 
 
-def resolve_init(svc: WorkerServices, config: TrainConfig, field: str) -> TrainConfig:
+def resolve_init(ctx: JobContext, config: TrainConfig, field: str) -> TrainConfig:
     """``config`` with a ``checkpoint`` init's model id replaced by the checkpoint's path (the
     API names models by id; the core reads files)."""
     if not isinstance(config.init, CheckpointInit):
         return config
-    path = checkpoint_path(svc, config.init.checkpoint, f"{field}.init.checkpoint")
+    path = checkpoint_path(ctx, config.init.checkpoint, f"{field}.init.checkpoint")
     return config.model_copy(update={"init": CheckpointInit(checkpoint=str(path))})
 
 
-def dataset_root(svc: WorkerServices, dataset_id: str, field: str) -> Path:
-    """The folder of class folders of a catalogued dataset."""
-    root = svc.datasets.images_root(dataset_id)
+def dataset_root(ctx: JobContext, dataset_id: str, field: str) -> Path:
+    """The folder of class folders of one of the job owner's datasets."""
+    root = ctx.services.datasets.images_root(dataset_id, ctx.owner)
     if root is None:
         raise DatasetError(f"no dataset with id {dataset_id!r}", field=field)
     return root
@@ -102,7 +106,7 @@ def dataset_images(
 ) -> list[tuple[str, Image.Image]]:
     """The first ``per_class`` images (by file name) of each class (default: every class),
     named ``<class>/<file>``."""
-    root = dataset_root(ctx.services, dataset_id, "spec.images.dataset")
+    root = dataset_root(ctx, dataset_id, "spec.images.dataset")
     folder = ImageFolder.from_path(root)
     wanted = set(classes) if classes is not None else set(folder.classes)
     unknown = wanted - set(folder.classes)

@@ -156,6 +156,11 @@ class JobContext:
         return self.record.id
 
     @property
+    def owner(self) -> str | None:
+        """Whose job it is: models and datasets are looked up among theirs."""
+        return self.record.owner
+
+    @property
     def spec(self) -> dict[str, Any]:
         return self.record.spec
 
@@ -214,10 +219,22 @@ def error_of(exc: BaseException) -> JobError:
 JobBody = Callable[[JobContext], dict[str, Any]]
 
 
+def lost_worker_error(attempts: int, limit: int) -> JobError:
+    """How a job whose worker kept dying under it fails."""
+    return JobError(
+        type="WorkerLostError",
+        message=f"the worker running this job died {attempts} times (limit {limit} attempts); "
+        "the job may exhaust the worker's memory or crash it",
+    )
+
+
 def run_job(job_id: str, worker: str, body: JobBody) -> dict[str, Any]:
     """Run ``body`` as job ``job_id``; return a small summary for Celery's logs.
 
-    The job is skipped when it was cancelled (or already finished) before it started.
+    The job is skipped when it was cancelled (or already finished) before it started, and
+    failed without running when its previous ``max_attempts`` runs all lost their worker (a
+    task is redelivered when its worker process dies; a job that kills its worker every time
+    must not loop forever).
     """
     svc = services()
     record = svc.store.start(job_id, worker)
@@ -227,6 +244,12 @@ def run_job(job_id: str, worker: str, body: JobBody) -> dict[str, Any]:
             svc.store.finish(job_id, "cancelled")
         log.info("job %s not started (%s)", job_id, existing.status if existing else "unknown")
         return {"job": job_id, "status": "skipped"}
+    limit = svc.settings.max_attempts
+    if record.attempts > limit:
+        svc.store.finish(job_id, "failed", error=lost_worker_error(record.attempts - 1, limit))
+        shutil.rmtree(svc.settings.uploads_dir / job_id, ignore_errors=True)
+        log.error("job %s failed: its worker died in all %d attempts", job_id, limit)
+        return {"job": job_id, "status": "failed"}
     ctx = JobContext(record=record, services=svc)
     status, error, result = "succeeded", None, None
     try:
@@ -252,35 +275,46 @@ def run_job(job_id: str, worker: str, body: JobBody) -> dict[str, Any]:
     return {"job": job_id, "status": status}
 
 
-# --- heartbeat -----------------------------------------------------------------------------------
-class Heartbeat:
-    """A daemon thread writing ``worker``'s heartbeat to the store every ``interval`` s."""
+# --- background threads of the worker's main process -------------------------------------------
+class Periodic:
+    """A daemon thread calling ``action`` now and then every ``interval`` seconds until
+    stopped; an exception is logged and the next call happens on time (the store may be down
+    for a while)."""
 
-    def __init__(self, store: JobStore, worker: str, interval: float, info: dict[str, Any]):
-        self.store = store
-        self.worker = worker
+    def __init__(self, name: str, interval: float, action: Callable[[], object]) -> None:
+        self.name = name
         self.interval = interval
-        self.info = info
+        self.action = action
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="camres-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        self._beat()
+        self._call()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.interval + 1)
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval + 1)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._beat()
+            self._call()
 
-    def _beat(self) -> None:
+    def _call(self) -> None:
         try:
-            self.store.heartbeat(self.worker, self.info)
-        except Exception:  # the store may be down for a while; keep trying
-            log.warning("heartbeat of %s failed", self.worker, exc_info=True)
+            self.action()
+        except Exception:
+            log.warning("%s failed", self.name, exc_info=True)
+
+
+class Heartbeat(Periodic):
+    """Writes ``worker``'s heartbeat to the store every ``interval`` seconds."""
+
+    def __init__(self, store: JobStore, worker: str, interval: float, info: dict[str, Any]):
+        super().__init__(
+            f"camres-heartbeat-{worker}", interval, lambda: store.heartbeat(worker, info)
+        )
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from celery import Task
 from celery.exceptions import TimeLimitExceeded
 
 from core.damage import damage_checkpoint
-from core.evaluation import evaluate
+from core.datasets import ClassMapping
+from core.evaluation import evaluate_folder
 from core.explain import write_artifacts
 from core.resilience import RetrainPlan, explain_conditions, retrain_checkpoint
 from core.training import train_classifier
@@ -80,11 +81,11 @@ def run_cam(ctx: JobContext) -> dict[str, Any]:
         images = loading.uploaded_images(ctx)
     plan = None
     if spec.retrain is not None:
-        root = loading.dataset_root(ctx.services, spec.retrain.dataset, "spec.retrain.dataset")
+        root = loading.dataset_root(ctx, spec.retrain.dataset, "spec.retrain.dataset")
         plan = RetrainPlan(dataset_root=root, config=spec.retrain.config)
     # The cached model is shared: explain_conditions restores it (damage) or works on a copy
     # (retraining), so the next job finds it intact.
-    model, checkpoint = loading.cached(ctx.services, spec.model)
+    model, checkpoint = loading.cached(ctx, spec.model)
     conditions = explain_conditions(
         model,
         checkpoint.meta,
@@ -125,10 +126,10 @@ def damage(self: Task, job_id: str) -> dict[str, Any]:
 
 def run_damage(ctx: JobContext) -> dict[str, Any]:
     spec = DamageJobSpec.model_validate(ctx.spec)
-    source = loading.checkpoint_path(ctx.services, spec.model)
+    source = loading.checkpoint_path(ctx, spec.model)
     produced = ctx.services.models.new_tmp_path()
     damage_checkpoint(source, spec.damage, produced)
-    info, _ = ctx.services.models.add(produced)
+    info, _ = ctx.services.models.add(produced, ctx.owner)
     result = ModelJobResult(
         model=info.id, details={"parent": spec.model, "damage": info.damage}
     ).model_dump(mode="json")
@@ -145,8 +146,8 @@ def retrain(self: Task, job_id: str) -> dict[str, Any]:
 
 def run_retrain(ctx: JobContext) -> dict[str, Any]:
     spec = RetrainJobSpec.model_validate(ctx.spec)
-    source = loading.checkpoint_path(ctx.services, spec.model)
-    root = loading.dataset_root(ctx.services, spec.dataset, "spec.dataset")
+    source = loading.checkpoint_path(ctx, spec.model)
+    root = loading.dataset_root(ctx, spec.dataset, "spec.dataset")
     produced = ctx.services.models.new_tmp_path()
     outcome = retrain_checkpoint(
         source,
@@ -156,7 +157,7 @@ def run_retrain(ctx: JobContext) -> dict[str, Any]:
         progress=ctx.progress,
         should_stop=ctx.should_stop,
     )
-    info, _ = ctx.services.models.add(produced)
+    info, _ = ctx.services.models.add(produced, ctx.owner)
     details = {
         "train": outcome.result.model_dump(mode="json"),
         "damage_check": outcome.damage_check,
@@ -176,18 +177,18 @@ def train(self: Task, job_id: str) -> dict[str, Any]:
 
 def run_train(ctx: JobContext) -> dict[str, Any]:
     spec = TrainJobSpec.model_validate(ctx.spec)
-    root = loading.dataset_root(ctx.services, spec.dataset, "spec.dataset")
+    root = loading.dataset_root(ctx, spec.dataset, "spec.dataset")
     trained = train_classifier(
         root,
         spec.arch,
-        loading.resolve_init(ctx.services, spec.config, "spec.config"),
+        loading.resolve_init(ctx, spec.config, "spec.config"),
         classes=spec.classes,
         progress=ctx.progress,
         should_stop=ctx.should_stop,
     )
     produced = ctx.services.models.new_tmp_path()
     trained.save(produced)
-    info, _ = ctx.services.models.add(produced)
+    info, _ = ctx.services.models.add(produced, ctx.owner)
     details = {
         "train": trained.result.model_dump(mode="json"),
         "evaluation": None
@@ -206,19 +207,13 @@ def evaluate_model(self: Task, job_id: str) -> dict[str, Any]:
 
 
 def run_evaluate(ctx: JobContext) -> dict[str, Any]:
-    from core.datasets import ClassMapping, ImageDataset, ImageFolder
-    from core.transforms import eval_transform
-
     spec = EvaluateJobSpec.model_validate(ctx.spec)
-    model, checkpoint = loading.cached(ctx.services, spec.model)
-    classes = checkpoint.meta.classes
-    folder = ImageFolder.from_path(loading.dataset_root(ctx.services, spec.dataset, "spec.dataset"))
-    aligned = ClassMapping(dict(spec.mapping or {})).align(folder, classes)
-    dataset = ImageDataset(aligned.samples, eval_transform(checkpoint.meta.preprocessing))
-    evaluation = evaluate(
+    model, checkpoint = loading.cached(ctx, spec.model)
+    evaluation = evaluate_folder(
         model,
-        dataset,
-        classes=classes,
+        checkpoint.meta,
+        loading.dataset_root(ctx, spec.dataset, "spec.dataset"),
+        mapping=None if spec.mapping is None else ClassMapping(dict(spec.mapping)),
         device=current_device(),
         progress=ctx.progress,
         should_stop=ctx.should_stop,

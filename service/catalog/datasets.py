@@ -1,10 +1,11 @@
 """The dataset catalog: labelled image folders on the shared data volume.
 
-A dataset is a folder of class folders (``<class>/<image>``), possibly wrapped in single
-folders — ``UCMerced_LandUse/Images/<class>/*.tif`` as distributed, ``AID/<Class>/*.jpg``.
-Uploaded zips are extracted under ``datasets/<id>/data``; registered folders stay where they
-are. ``datasets/<id>/dataset.json`` holds the :class:`DatasetInfo` and the resolved root that
-workers hand to ``core.datasets``. Torch-free: images are checked from their headers with PIL.
+A dataset is a folder in one of the layouts of :mod:`core.layout` (``<class>/<image>``, possibly
+wrapped in a top folder, or UC Merced's ``Images/<class>/*.tif``): the gateway validates it with
+the very code the workers read it with. Uploaded zips are extracted under ``datasets/<id>/data``;
+registered folders stay where they are. ``datasets/<id>/dataset.json`` holds the
+:class:`DatasetInfo` (with its owner) and the resolved class root that workers hand to
+``core.datasets``. Torch-free: images are checked from their headers with PIL.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.exceptions import DatasetError
+from core.layout import ImageFolder
+from service.auth import Principal
 from service.catalog.archive import ArchiveLimits, extract_zip, remove_tree
-
-#: File suffixes read as images: ``core.datasets.IMAGE_EXTENSIONS``, which cannot be imported
-#: here without torch (a test keeps the two equal).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 
 _DATASET_ID = re.compile(r"^ds-[0-9a-f]{32}$")
 
@@ -40,6 +39,7 @@ class DatasetInfo(BaseModel):
     num_images: int
     created_at: datetime
     source: str = Field(description='"upload" or "registered".')
+    owner: str | None = Field(default=None, description="Who stored it; null: unowned.")
 
 
 class _StoredDataset(BaseModel):
@@ -49,64 +49,21 @@ class _StoredDataset(BaseModel):
     root: str
 
 
-class Layout(BaseModel):
-    """A validated class-folder layout: the folder holding the class folders and their
-    images (paths relative to ``root``), classes sorted by name."""
-
-    root: Path
-    images: dict[str, list[str]]
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def find_class_root(folder: Path) -> Path:
-    """Descend through single wrapper folders (``UCMerced_LandUse/Images``) to the folder
-    whose sub-folders are the classes."""
-    current = folder
-    while True:
-        subdirs = _subdirs(current)
-        if len(subdirs) != 1 or _image_files(current):
-            return current
-        current = subdirs[0]
-
-
-def scan_layout(folder: Path, *, max_pixels: int) -> Layout:
-    """Validate a class-folder dataset: at least two classes, none empty, every image
-    readable (header) and within ``max_pixels``. :class:`DatasetError` otherwise."""
-    root = find_class_root(folder)
-    images: dict[str, list[str]] = {}
-    for class_dir in _subdirs(root):
-        files = _image_files(class_dir)
-        if not files:
-            raise DatasetError(
-                f"class folder {class_dir.name!r} holds no images "
-                f"({', '.join(sorted(IMAGE_SUFFIXES))})",
-                field="file",
-            )
-        for path in files:
-            _check_image(path, root, max_pixels)
-        images[class_dir.name] = [str(p.relative_to(root)) for p in files]
-    if len(images) < 2:
-        found = ", ".join(images) or "none"
-        raise DatasetError(
-            f"a dataset needs at least 2 class folders with images; found {found}",
-            field="file",
-        )
-    return Layout(root=root, images=images)
+def scan_layout(folder: Path, *, max_pixels: int, shown_as: str | None = None) -> ImageFolder:
+    """Validate a dataset folder: a layout :mod:`core.layout` reads, at least two classes, none
+    empty, every image readable (header) and within ``max_pixels``. :class:`DatasetError`
+    (field ``file``) otherwise; with ``shown_as``, messages name ``folder`` that way instead of
+    by its path (an upload's staging folder is nobody's business)."""
+    try:
+        layout = ImageFolder.from_path(folder)
+        for sample in layout.samples:
+            _check_image(sample.path, layout.root, max_pixels)
+    except DatasetError as exc:
+        message = exc.message
+        if shown_as is not None:  # paths inside the folder become relative ones
+            message = message.replace(f"{folder}/", "").replace(f"'{folder}'", shown_as)
+        raise DatasetError(message, field="file") from exc
+    return layout
 
 
 def _check_image(path: Path, root: Path, max_pixels: int) -> None:
@@ -142,26 +99,42 @@ class DatasetCatalog:
         except FileNotFoundError:
             return None
 
-    def get(self, dataset_id: str) -> DatasetInfo | None:
+    def get(self, dataset_id: str, owner: str | None = None) -> DatasetInfo | None:
+        """A dataset of ``owner``; None when unknown or someone else's."""
         stored = self._load(dataset_id)
-        return None if stored is None else stored.info
+        return None if stored is None or stored.info.owner != owner else stored.info
 
-    def images_root(self, dataset_id: str) -> Path | None:
-        """The folder holding the class folders (what ``core.datasets`` reads)."""
+    def find(self, dataset_id: str, principal: Principal) -> DatasetInfo | None:
+        """A dataset ``principal`` may see."""
         stored = self._load(dataset_id)
-        return None if stored is None else Path(stored.root)
+        return stored.info if stored is not None and principal.can_see(stored.info.owner) else None
 
-    def list(self) -> list[DatasetInfo]:
+    def images_root(self, dataset_id: str, owner: str | None = None) -> Path | None:
+        """The folder holding the class folders of ``owner``'s dataset (what
+        ``core.datasets`` reads)."""
+        stored = self._load(dataset_id)
+        return None if stored is None or stored.info.owner != owner else Path(stored.root)
+
+    def list_for(self, principal: Principal) -> list[DatasetInfo]:
+        """The datasets ``principal`` may see, oldest first."""
         infos = []
         for path in self.root.glob("ds-*/dataset.json"):
             try:
-                infos.append(_StoredDataset.model_validate_json(path.read_bytes()).info)
+                info = _StoredDataset.model_validate_json(path.read_bytes()).info
             except FileNotFoundError:
                 continue
+            if principal.can_see(info.owner):
+                infos.append(info)
         return sorted(infos, key=lambda info: info.created_at)
 
     def add_zip(
-        self, archive: Path, name: str, limits: ArchiveLimits, *, max_pixels: int
+        self,
+        archive: Path,
+        name: str,
+        limits: ArchiveLimits,
+        *,
+        max_pixels: int,
+        owner: str | None = None,
     ) -> DatasetInfo:
         """Extract and validate an uploaded zip; nothing is stored when it is refused."""
         dataset_id = f"ds-{uuid.uuid4().hex}"
@@ -170,9 +143,9 @@ class DatasetCatalog:
         try:
             (staging / "data").mkdir(parents=True)
             extract_zip(archive, staging / "data", limits)
-            layout = scan_layout(staging / "data", max_pixels=max_pixels)
+            layout = scan_layout(staging / "data", max_pixels=max_pixels, shown_as="the archive")
             relative_root = layout.root.relative_to(staging)
-            info = self._info(dataset_id, name, layout, "upload")
+            info = self._info(dataset_id, name, layout, "upload", owner)
             final = self.root / dataset_id
             self._write(staging, info, final / relative_root)
             self.root.mkdir(parents=True, exist_ok=True)
@@ -182,11 +155,13 @@ class DatasetCatalog:
             raise
         return info
 
-    def register(self, folder: Path, name: str, *, max_pixels: int) -> DatasetInfo:
+    def register(
+        self, folder: Path, name: str, *, max_pixels: int, owner: str | None = None
+    ) -> DatasetInfo:
         """Catalogue a folder that already lives on the shared store (it is not copied)."""
         layout = scan_layout(folder, max_pixels=max_pixels)
         dataset_id = f"ds-{uuid.uuid4().hex}"
-        info = self._info(dataset_id, name, layout, "registered")
+        info = self._info(dataset_id, name, layout, "registered", owner)
         final = self.root / dataset_id
         final.mkdir(parents=True)
         self._write(final, info, layout.root)
@@ -203,8 +178,10 @@ class DatasetCatalog:
         return True
 
     @staticmethod
-    def _info(dataset_id: str, name: str, layout: Layout, source: str) -> DatasetInfo:
-        counts = {cls: len(files) for cls, files in layout.images.items()}
+    def _info(
+        dataset_id: str, name: str, layout: ImageFolder, source: str, owner: str | None
+    ) -> DatasetInfo:
+        counts = layout.class_counts()
         return DatasetInfo(
             id=dataset_id,
             name=name,
@@ -213,6 +190,7 @@ class DatasetCatalog:
             num_images=sum(counts.values()),
             created_at=datetime.now(timezone.utc),
             source=source,
+            owner=owner,
         )
 
     @staticmethod

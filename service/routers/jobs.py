@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import Json
+from pydantic import BeforeValidator, Json
 
+from service.auth import Principal
 from service.deps import (
     CeleryDep,
     DatasetsDep,
     MetricsDep,
     ModelsDep,
+    PrincipalDep,
     SettingsDep,
     StoreDep,
     require_form,
@@ -26,18 +29,20 @@ from service.queue import send_job
 from service.schemas import Artifact, ArtifactList, Job, JobList, JobSpec
 from service.settings import JobKind
 from service.store import (
+    ANY_OWNER,
     InvalidCursorError,
     JobConflictError,
     JobError,
     JobNotFoundError,
     JobRecord,
     JobStatus,
+    TooManyJobsError,
 )
-from service.submission import check_references, spec_document, store_images
+from service.submission import check_references, spec_document, store_images, strict_json
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401))
 
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _MEDIA_TYPES = {
@@ -55,9 +60,10 @@ SPEC_HELP = (
 )
 
 
-def _get_record(store: StoreDep, job_id: str) -> JobRecord:
+def _get_record(store: StoreDep, job_id: str, principal: Principal) -> JobRecord:
+    """The job, if the caller may see it: someone else's job is as unknown as a missing one."""
     record = store.get(job_id)
-    if record is None:
+    if record is None or not principal.can_see(record.owner):
         raise not_found("job", job_id)
     return record
 
@@ -67,30 +73,47 @@ def _get_record(store: StoreDep, job_id: str) -> JobRecord:
     status_code=202,
     response_model=Job,
     dependencies=[Depends(require_form)],
-    responses=problem_responses(413, 415, 422, 503),
+    responses=problem_responses(400, 413, 415, 422, 429, 503),
 )
 def create_job(
-    spec: Annotated[Json[JobSpec], Form(description=SPEC_HELP)],
+    spec: Annotated[Json[JobSpec], BeforeValidator(strict_json), Form(description=SPEC_HELP)],
     settings: SettingsDep,
     store: StoreDep,
     models: ModelsDep,
     datasets: DatasetsDep,
     celery: CeleryDep,
     metrics: MetricsDep,
+    principal: PrincipalDep,
     response: Response,
     images: Annotated[
         list[UploadFile] | None, File(description="Images to explain (cam jobs).")
     ] = None,
 ) -> Job:
-    """Queue a job; poll the returned Location until its status is final."""
+    """Queue a job; poll the returned Location until its status is final. 429 (with
+    Retry-After) while the caller already has the maximum of queued and running jobs."""
     job_spec = spec.root
     uploads = images or []
-    check_references(job_spec, settings, models, datasets, len(uploads))
+    check_references(job_spec, settings, models, datasets, len(uploads), principal.owner)
     job_id = uuid.uuid4().hex
-    if uploads:
-        store_images(uploads, settings.uploads_dir / job_id, settings.max_image_pixels)
-    record = JobRecord(id=job_id, kind=job_spec.kind, spec=spec_document(job_spec))
-    store.create(record)
+    inputs = settings.uploads_dir / job_id
+    record = JobRecord(
+        id=job_id, kind=job_spec.kind, spec=spec_document(job_spec), owner=principal.owner
+    )
+    try:
+        if uploads:
+            store_images(uploads, inputs, settings.max_image_pixels)
+        store.create(record, max_active=settings.max_active_jobs)
+    except TooManyJobsError as exc:
+        shutil.rmtree(inputs, ignore_errors=True)
+        raise ApiError(
+            429,
+            f"{exc}; retry when one of them has finished",
+            problem="too-many-jobs",
+            headers={"Retry-After": str(settings.busy_retry_after)},
+        ) from exc
+    except BaseException:
+        shutil.rmtree(inputs, ignore_errors=True)
+        raise
     try:
         send_job(celery, settings, job_id, job_spec.kind)
     except Exception as exc:  # any broker failure: the job must not stay queued forever
@@ -107,14 +130,17 @@ def create_job(
 @router.get("", response_model=JobList, responses=problem_responses(422))
 def list_jobs(
     store: StoreDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=512)] = None,
 ) -> JobList:
-    """Jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    """The caller's jobs (an admin's: everyone's), newest first; pass ``next_cursor`` back as
+    ``cursor`` for the next page."""
+    owner = ANY_OWNER if principal.admin else principal.owner
     try:
-        page = store.list_jobs(status=status, kind=kind, limit=limit, cursor=cursor)
+        page = store.list_jobs(status=status, kind=kind, limit=limit, cursor=cursor, owner=owner)
     except InvalidCursorError as exc:
         raise field_error("cursor", "is not a cursor this server handed out") from exc
     return JobList(
@@ -123,16 +149,17 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses=problem_responses(404))
-def read_job(job_id: str, store: StoreDep) -> Job:
+def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> Job:
     """One job: status, progress, result or error."""
-    return Job.from_record(_get_record(store, job_id))
+    return Job.from_record(_get_record(store, job_id, principal))
 
 
 @router.post(
     "/{job_id}/cancel", status_code=202, response_model=Job, responses=problem_responses(404, 409)
 )
-def cancel_job(job_id: str, store: StoreDep) -> Job:
+def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> Job:
     """Cancel a job: a queued job is cancelled at once, a running one stops at its next check."""
+    _get_record(store, job_id, principal)
     try:
         record = store.request_cancel(job_id)
     except JobNotFoundError as exc:
@@ -147,9 +174,11 @@ def _artifact_dir(settings: SettingsDep, job_id: str) -> Path:
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=problem_responses(404))
-def list_artifacts(job_id: str, store: StoreDep, settings: SettingsDep) -> ArtifactList:
+def list_artifacts(
+    job_id: str, store: StoreDep, settings: SettingsDep, principal: PrincipalDep
+) -> ArtifactList:
     """Files the job wrote so far (overlays, raw maps, JSON results, checkpoints)."""
-    _get_record(store, job_id)
+    _get_record(store, job_id, principal)
     folder = _artifact_dir(settings, job_id)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     return ArtifactList(
@@ -174,11 +203,17 @@ def list_artifacts(job_id: str, store: StoreDep, settings: SettingsDep) -> Artif
         **problem_responses(400, 404),
     },
 )
-def read_artifact(job_id: str, name: str, store: StoreDep, settings: SettingsDep) -> FileResponse:
+def read_artifact(
+    job_id: str, name: str, store: StoreDep, settings: SettingsDep, principal: PrincipalDep
+) -> FileResponse:
     """Download one artifact by name (names never contain '/')."""
+    _get_record(store, job_id, principal)
     if not _ARTIFACT_NAME.match(name) or ".." in name:
-        raise field_error("name", "is not a valid artifact name", status=400)
-    _get_record(store, job_id)
+        raise field_error(
+            "name",
+            "is not an artifact name (letters, digits, '.', '_' and '-'; no '/' or '..')",
+            status=400,
+        )
     path = _artifact_dir(settings, job_id) / name
     if not path.is_file():
         raise ApiError(404, f"job {job_id!r} has no artifact {name!r}", problem="not-found")

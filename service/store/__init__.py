@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from service.settings import Settings
 from service.store.base import (
+    ACTIVE,
+    ANY_OWNER,
     JOB_STATUSES,
     TERMINAL,
     FinishStatus,
@@ -17,12 +19,16 @@ from service.store.base import (
     JobRecord,
     JobStatus,
     JobStore,
+    OwnerFilter,
     StoreError,
+    TooManyJobsError,
     WorkerBeat,
     utc,
 )
 
 __all__ = [
+    "ACTIVE",
+    "ANY_OWNER",
     "JOB_STATUSES",
     "TERMINAL",
     "FinishStatus",
@@ -35,7 +41,9 @@ __all__ = [
     "JobRecord",
     "JobStatus",
     "JobStore",
+    "OwnerFilter",
     "StoreError",
+    "TooManyJobsError",
     "WorkerBeat",
     "open_store",
     "utc",

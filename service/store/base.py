@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import time
 from abc import ABC, abstractmethod
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 FinishStatus = Literal["succeeded", "failed", "cancelled"]
+
+
+class _AnyOwner(enum.Enum):
+    ANY = "any"
+
+
+#: ``owner=`` filter matching every owner (None matches the unowned jobs only).
+ANY_OWNER: Final = _AnyOwner.ANY
+OwnerFilter = str | None | Literal[_AnyOwner.ANY]
 
 
 class StoreError(Exception):
@@ -48,6 +59,17 @@ class JobConflictError(StoreError):
 
 class InvalidCursorError(StoreError, ValueError):
     """A list cursor that this store did not hand out."""
+
+
+class TooManyJobsError(Exception):
+    """The owner already has the maximum number of queued and running jobs (not a store
+    failure: the store works, the request is refused)."""
+
+    def __init__(self, owner: str | None, limit: int) -> None:
+        who = f"owner {owner!r}" if owner is not None else "this server"
+        super().__init__(f"{who} already has {limit} queued or running jobs, the limit")
+        self.owner = owner
+        self.limit = limit
 
 
 class JobProgress(BaseModel):
@@ -89,6 +111,8 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     cancel_requested: bool = False
     worker: str | None = None
+    owner: str | None = None
+    attempts: int = Field(default=0, ge=0, description="Times a worker started the job.")
 
     @property
     def finished(self) -> bool:
@@ -148,8 +172,10 @@ class JobStore(ABC):
         """Raise :class:`StoreError` when the backend does not answer."""
 
     @abstractmethod
-    def create(self, record: JobRecord) -> None:
-        """Insert a new record; :class:`JobConflictError` when the id exists."""
+    def create(self, record: JobRecord, *, max_active: int | None = None) -> None:
+        """Insert a new record; :class:`JobConflictError` when the id exists,
+        :class:`TooManyJobsError` when the record's owner already has ``max_active`` queued or
+        running jobs (checked and inserted atomically)."""
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:
@@ -163,14 +189,20 @@ class JobStore(ABC):
         kind: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        owner: OwnerFilter = ANY_OWNER,
     ) -> JobPage:
         """Records newest first, optionally filtered; ``next_cursor`` continues the listing."""
 
     @abstractmethod
     def start(self, job_id: str, worker: str) -> JobRecord | None:
-        """Mark the job running on ``worker`` and return it; None when it must not run
-        (cancelled, finished, unknown). A running job may be started again: that is a task
-        redelivered after its worker died."""
+        """Mark the job running on ``worker``, count the attempt, and return it; None when it
+        must not run (cancelled, finished, unknown). A running job may be started again: that
+        is a task redelivered after its worker died."""
+
+    @abstractmethod
+    def requeue(self, job_id: str) -> bool:
+        """Move a running job back to queued (its worker is gone and its task is sent again);
+        False when it is not running."""
 
     @abstractmethod
     def set_progress(self, job_id: str, progress: JobProgress) -> None:
@@ -202,6 +234,15 @@ class JobStore(ABC):
         worker is known to be gone (the embedded worker restarted)."""
 
     @abstractmethod
+    def expired(self, before: float, limit: int = 500) -> list[str]:
+        """Ids of finished jobs that finished before ``before`` (epoch seconds), oldest first."""
+
+    @abstractmethod
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished job's record; False when unknown or not finished. The job still
+        counts in :meth:`counts` (finished-job counts never go down: they feed counters)."""
+
+    @abstractmethod
     def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
         """Record that ``worker`` is alive now."""
 
@@ -211,7 +252,7 @@ class JobStore(ABC):
 
     @abstractmethod
     def counts(self) -> dict[tuple[str, str], int]:
-        """Number of jobs per ``(kind, status)``."""
+        """Number of jobs per ``(kind, status)``, including deleted finished jobs."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -2,7 +2,9 @@
 
 Layout under ``<prefix>:``: ``job:<id>`` a hash (one field per record attribute, JSON values),
 ``jobs`` a sorted set of ids scored by creation time (listing), ``counts`` a hash of
-``kind|status`` → n (metrics), ``workers`` a sorted set of worker names scored by their last
+``kind|status`` → n (metrics, never decremented by deletions), ``active`` a hash of owner →
+queued and running jobs (the per-owner limit), ``finished`` a sorted set of finished ids scored
+by their finish time (expiry), ``workers`` a sorted set of worker names scored by their last
 heartbeat. Every status transition is a Lua script, hence atomic against concurrent gateways
 and workers. Durability is Redis's own (run it with AOF in production).
 """
@@ -16,6 +18,7 @@ from typing import Any
 import redis
 
 from service.store.base import (
+    ANY_OWNER,
     FinishStatus,
     JobConflictError,
     JobError,
@@ -24,37 +27,64 @@ from service.store.base import (
     JobProgress,
     JobRecord,
     JobStore,
+    OwnerFilter,
     StoreError,
+    TooManyJobsError,
     WorkerBeat,
     decode_cursor,
     encode_cursor,
 )
 
-# KEYS[1] job hash, KEYS[2] jobs zset, KEYS[3] counts hash; ARGV: id, created_at, kind,
-# status, then field/value pairs.
+# KEYS[1] job hash, KEYS[2] jobs zset, KEYS[3] counts hash, KEYS[4] active hash; ARGV: id,
+# created_at, kind, status, owner (its JSON), max active ('' for no limit), then field/value
+# pairs. Returns 1, 0 when the id exists, -1 when the owner is at the limit.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if ARGV[6] ~= '' and tonumber(redis.call('HGET', KEYS[4], ARGV[5]) or '0') >= tonumber(ARGV[6])
+then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[4], 1)
+if ARGV[4] == 'queued' or ARGV[4] == 'running' then redis.call('HINCRBY', KEYS[4], ARGV[5], 1) end
 return 1
 """
 
-# Compare-and-set of the status. KEYS[1] job hash, KEYS[2] counts hash; ARGV[1] allowed
-# statuses joined by ',', ARGV[2] new status, ARGV[3] '1' to refuse when cancel was
-# requested, then field/value pairs to set. Returns the previous status, or false.
+# Compare-and-set of the status. KEYS[1] job hash, KEYS[2] counts hash, KEYS[3] active hash,
+# KEYS[4] finished zset; ARGV[1] allowed statuses joined by ',', ARGV[2] new status, ARGV[3]
+# '1' to refuse when cancel was requested, ARGV[4] '1' to count an attempt, ARGV[5] job id,
+# ARGV[6] now, then field/value pairs to set. Returns the previous status, or false.
 _TRANSITION = """
-local fields = redis.call('HMGET', KEYS[1], 'status', 'kind', 'cancel_requested')
-local status, kind, cancel = fields[1], fields[2], fields[3]
+local fields = redis.call('HMGET', KEYS[1], 'status', 'kind', 'cancel_requested', 'owner')
+local status, kind, cancel, owner = fields[1], fields[2], fields[3], fields[4] or 'null'
 if not status then return false end
 if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return false end
 if ARGV[3] == '1' and cancel == 'true' then return false end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 7))
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 if status ~= ARGV[2] then
   redis.call('HINCRBY', KEYS[2], kind .. '|' .. status, -1)
   redis.call('HINCRBY', KEYS[2], kind .. '|' .. ARGV[2], 1)
+  local was = status == 'queued' or status == 'running'
+  local now = ARGV[2] == 'queued' or ARGV[2] == 'running'
+  if was and not now then
+    redis.call('HINCRBY', KEYS[3], owner, -1)
+    redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+  elseif now and not was then
+    redis.call('HINCRBY', KEYS[3], owner, 1)
+  end
 end
 return status
+"""
+
+# KEYS[1] job hash, KEYS[2] jobs zset, KEYS[3] finished zset; ARGV[1] job id. Deletes a
+# finished job; returns 1, or 0 when it is unknown or not finished.
+_DELETE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
 """
 
 # KEYS[1] job hash; ARGV[1] progress JSON. Only a running job takes progress.
@@ -105,6 +135,7 @@ class RedisJobStore(JobStore):
         self._transition = client.register_script(_TRANSITION)
         self._progress = client.register_script(_PROGRESS)
         self._flag_cancel = client.register_script(_FLAG_CANCEL)
+        self._delete = client.register_script(_DELETE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "camres") -> RedisJobStore:
@@ -126,15 +157,35 @@ class RedisJobStore(JobStore):
             raise StoreError(f"job store (redis) error: {exc}") from exc
 
     def _set(
-        self, job_id: str, allowed: str, new_status: str, fields: dict[str, Any], *, guard: bool
+        self,
+        job_id: str,
+        allowed: str,
+        new_status: str,
+        fields: dict[str, Any],
+        *,
+        guard: bool,
+        attempt: bool = False,
     ) -> str | None:
         flat: list[str] = []
         for key, value in fields.items():
             flat += [key, _encode(key, value)]
         previous = self._call(
             self._transition,
-            keys=[self._job_key(job_id), self._key("counts")],
-            args=[allowed, new_status, "1" if guard else "0", *flat],
+            keys=[
+                self._job_key(job_id),
+                self._key("counts"),
+                self._key("active"),
+                self._key("finished"),
+            ],
+            args=[
+                allowed,
+                new_status,
+                "1" if guard else "0",
+                "1" if attempt else "0",
+                job_id,
+                repr(time.time()),
+                *flat,
+            ],
         )
         return None if previous is None else str(previous.decode())
 
@@ -145,16 +196,32 @@ class RedisJobStore(JobStore):
     def close(self) -> None:
         self._redis.close()
 
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, *, max_active: int | None = None) -> None:
         fields = _record_fields(record)
         flat = [item for pair in fields.items() for item in pair]
         created = self._call(
             self._create,
-            keys=[self._job_key(record.id), self._key("jobs"), self._key("counts")],
-            args=[record.id, repr(record.created_at), record.kind, record.status, *flat],
+            keys=[
+                self._job_key(record.id),
+                self._key("jobs"),
+                self._key("counts"),
+                self._key("active"),
+            ],
+            args=[
+                record.id,
+                repr(record.created_at),
+                record.kind,
+                record.status,
+                fields["owner"],
+                "" if max_active is None else str(max_active),
+                *flat,
+            ],
         )
-        if not created:
+        if created == 0:
             raise JobConflictError(record.id, "existing", "create")
+        if created == -1:
+            assert max_active is not None
+            raise TooManyJobsError(record.owner, max_active)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._call(self._redis.hgetall, self._job_key(job_id))
@@ -167,6 +234,7 @@ class RedisJobStore(JobStore):
         kind: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        owner: OwnerFilter = ANY_OWNER,
     ) -> JobPage:
         after = decode_cursor(cursor) if cursor is not None else None
         maximum: str = "+inf" if after is None else repr(after[0])
@@ -192,6 +260,8 @@ class RedisJobStore(JobStore):
                     continue
                 if (status and record.status != status) or (kind and record.kind != kind):
                     continue
+                if owner is not ANY_OWNER and record.owner != owner:
+                    continue
                 if len(items) == limit:
                     more = True
                     break
@@ -210,9 +280,12 @@ class RedisJobStore(JobStore):
 
     def start(self, job_id: str, worker: str) -> JobRecord | None:
         fields = {"started_at": time.time(), "worker": worker}
-        if self._set(job_id, "queued,running", "running", fields, guard=True) is None:
+        if self._set(job_id, "queued,running", "running", fields, guard=True, attempt=True) is None:
             return None
         return self.get(job_id)
+
+    def requeue(self, job_id: str) -> bool:
+        return self._set(job_id, "running", "queued", {"worker": None}, guard=False) is not None
 
     def set_progress(self, job_id: str, progress: JobProgress) -> None:
         self._call(
@@ -268,6 +341,20 @@ class RedisJobStore(JobStore):
             if page.next_cursor is None:
                 return failed
             page = self.list_jobs(status="running", limit=1000, cursor=page.next_cursor)
+
+    def expired(self, before: float, limit: int = 500) -> list[str]:
+        ids = self._call(
+            self._redis.zrangebyscore, self._key("finished"), "-inf", f"({before!r}", 0, limit
+        )
+        return [job_id.decode() for job_id in ids]
+
+    def delete(self, job_id: str) -> bool:
+        deleted = self._call(
+            self._delete,
+            keys=[self._job_key(job_id), self._key("jobs"), self._key("finished")],
+            args=[job_id],
+        )
+        return bool(deleted)
 
     def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
         now = time.time()

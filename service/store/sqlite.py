@@ -2,7 +2,8 @@
 
 WAL lets the gateway read while a worker process writes; each status transition is one
 ``UPDATE … WHERE status IN (…)`` so it is atomic across processes without explicit locking.
-Connections are per thread and per process (reopened after ``fork``).
+Connections are per thread and per process (reopened after ``fork``). A database written by an
+earlier version gains the newer columns when it is opened.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from service.store.base import (
+    ANY_OWNER,
+    TERMINAL,
     FinishStatus,
     JobConflictError,
     JobError,
@@ -24,7 +29,9 @@ from service.store.base import (
     JobProgress,
     JobRecord,
     JobStore,
+    OwnerFilter,
     StoreError,
+    TooManyJobsError,
     WorkerBeat,
     decode_cursor,
     encode_cursor,
@@ -51,12 +58,27 @@ CREATE TABLE IF NOT EXISTS workers (
     seen_at REAL NOT NULL,
     info TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deleted_counts (
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (kind, status)
+);
+"""
+
+#: Columns added after the first release: (name, declaration), added to older databases.
+_ADDED_COLUMNS = (("owner", "TEXT"), ("attempts", "INTEGER NOT NULL DEFAULT 0"))
+
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, status);
+CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 """
 
 _COLUMNS = (
     "id, kind, status, created_at, started_at, finished_at, spec, progress, result, error, "
-    "cancel_requested, worker"
+    "cancel_requested, worker, owner, attempts"
 )
+_TERMINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
 
 
 def _dump(value: Any) -> str | None:
@@ -77,6 +99,8 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
         error=None if row["error"] is None else JobError.model_validate_json(row["error"]),
         cancel_requested=bool(row["cancel_requested"]),
         worker=row["worker"],
+        owner=row["owner"],
+        attempts=row["attempts"],
     )
 
 
@@ -87,8 +111,16 @@ class SQLiteJobStore(JobStore):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connect() as conn:
+        conn = self._connect()
+        try:
             conn.executescript(_SCHEMA)
+            present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            for name, declaration in _ADDED_COLUMNS:
+                if name not in present:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            conn.executescript(_INDEXES)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot prepare job database {self.path}: {exc}") from exc
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteJobStore:
@@ -132,29 +164,57 @@ class SQLiteJobStore(JobStore):
     def ping(self) -> None:
         self._execute("SELECT 1").fetchone()
 
-    def create(self, record: JobRecord) -> None:
+    @contextmanager
+    def _write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (taken at once: reads in it cannot interleave with another
+        process's writes)."""
+        conn = self._connect()
         try:
-            self._connect().execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.kind,
-                    record.status,
-                    record.created_at,
-                    record.started_at,
-                    record.finished_at,
-                    _dump(record.spec),
-                    record.progress.model_dump_json(),
-                    _dump(record.result),
-                    None if record.error is None else record.error.model_dump_json(),
-                    int(record.cancel_requested),
-                    record.worker,
-                ),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise JobConflictError(record.id, "existing", "create") from exc
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
             raise StoreError(f"job database error: {exc}") from exc
+
+    def create(self, record: JobRecord, *, max_active: int | None = None) -> None:
+        try:
+            with self._write_transaction() as conn:
+                if max_active is not None:
+                    (active,) = conn.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE owner IS ? "
+                        "AND status IN ('queued', 'running')",
+                        (record.owner,),
+                    ).fetchone()
+                    if active >= max_active:
+                        raise TooManyJobsError(record.owner, max_active)
+                conn.execute(
+                    f"INSERT INTO jobs ({_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.kind,
+                        record.status,
+                        record.created_at,
+                        record.started_at,
+                        record.finished_at,
+                        _dump(record.spec),
+                        record.progress.model_dump_json(),
+                        _dump(record.result),
+                        None if record.error is None else record.error.model_dump_json(),
+                        int(record.cancel_requested),
+                        record.worker,
+                        record.owner,
+                        record.attempts,
+                    ),
+                )
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise JobConflictError(record.id, "existing", "create") from exc
+            raise
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -167,9 +227,13 @@ class SQLiteJobStore(JobStore):
         kind: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        owner: OwnerFilter = ANY_OWNER,
     ) -> JobPage:
         where: list[str] = []
         params: list[Any] = []
+        if owner is not ANY_OWNER:
+            where.append("owner IS ?")
+            params.append(owner)
         if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
@@ -193,11 +257,19 @@ class SQLiteJobStore(JobStore):
 
     def start(self, job_id: str, worker: str) -> JobRecord | None:
         updated = self._execute(
-            "UPDATE jobs SET status = 'running', started_at = ?, worker = ? "
+            "UPDATE jobs SET status = 'running', started_at = ?, worker = ?, "
+            "attempts = attempts + 1 "
             "WHERE id = ? AND status IN ('queued', 'running') AND cancel_requested = 0",
             (time.time(), worker, job_id),
         ).rowcount
         return self.get(job_id) if updated else None
+
+    def requeue(self, job_id: str) -> bool:
+        updated = self._execute(
+            "UPDATE jobs SET status = 'queued', worker = NULL WHERE id = ? AND status = 'running'",
+            (job_id,),
+        ).rowcount
+        return bool(updated)
 
     def set_progress(self, job_id: str, progress: JobProgress) -> None:
         self._execute(
@@ -227,34 +299,25 @@ class SQLiteJobStore(JobStore):
         return bool(updated)
 
     def request_cancel(self, job_id: str) -> JobRecord:
-        now = time.time()
-        conn = self._connect()
-        try:
-            # One write transaction, so the status read and the update cannot interleave
-            # with a worker's start() or finish().
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is None:
-                    raise JobNotFoundError(job_id)
-                if row["status"] == "queued":
-                    conn.execute(
-                        "UPDATE jobs SET status = 'cancelled', finished_at = ?, "
-                        "cancel_requested = 1 WHERE id = ?",
-                        (now, job_id),
-                    )
-                elif row["status"] == "running":
-                    conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-                else:
-                    raise JobConflictError(job_id, row["status"], "cancel")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"job database error: {exc}") from exc
+        # One write transaction, so the status read and the update cannot interleave with a
+        # worker's start() or finish().
+        with self._write_transaction() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(job_id)
+            if row["status"] == "queued":
+                conn.execute(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ?, "
+                    "cancel_requested = 1 WHERE id = ?",
+                    (time.time(), job_id),
+                )
+            elif row["status"] == "running":
+                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            else:
+                raise JobConflictError(job_id, row["status"], "cancel")
         record = self.get(job_id)
-        assert record is not None  # jobs are never deleted
+        if record is None:  # deleted meanwhile (expired): it was finished, hence a conflict
+            raise JobNotFoundError(job_id)
         return record
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -273,6 +336,27 @@ class SQLiteJobStore(JobStore):
         ]
         return [job_id for job_id in ids if self.finish(job_id, "failed", error=error)]
 
+    def expired(self, before: float, limit: int = 500) -> list[str]:
+        rows = self._execute(
+            f"SELECT id FROM jobs WHERE status IN ({_TERMINAL_SQL}) AND finished_at < ? "
+            "ORDER BY finished_at LIMIT ?",
+            (before, limit),
+        ).fetchall()
+        return [row["id"] for row in rows]
+
+    def delete(self, job_id: str) -> bool:
+        with self._write_transaction() as conn:
+            row = conn.execute("SELECT kind, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] not in TERMINAL:
+                return False
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            conn.execute(
+                "INSERT INTO deleted_counts (kind, status, n) VALUES (?, ?, 1) "
+                "ON CONFLICT(kind, status) DO UPDATE SET n = n + 1",
+                (row["kind"], row["status"]),
+            )
+        return True
+
     def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
         self._execute(
             "INSERT INTO workers (name, seen_at, info) VALUES (?, ?, ?) "
@@ -288,5 +372,10 @@ class SQLiteJobStore(JobStore):
         ]
 
     def counts(self) -> dict[tuple[str, str], int]:
-        rows = self._execute("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status")
+        rows = self._execute(
+            "SELECT kind, status, SUM(n) AS n FROM ("
+            "SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status "
+            "UNION ALL SELECT kind, status, n FROM deleted_counts"
+            ") GROUP BY kind, status"
+        )
         return {(row["kind"], row["status"]): row["n"] for row in rows.fetchall()}

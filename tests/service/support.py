@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +82,62 @@ def make_tiny_checkpoint(path: Path, classes: list[str] = TINY_CLASSES) -> str:
         provenance={"purpose": "camres service tests"},
     )
     return save_checkpoint(path, model, meta)
+
+
+def rewrite_meta(checkpoint: bytes, **changes: Any) -> bytes:
+    """The checkpoint with fields of its camres metadata replaced (the tensors untouched): a
+    checkpoint whose metadata lies about its weights."""
+    (size,) = struct.unpack("<Q", checkpoint[:8])
+    header = json.loads(checkpoint[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["camres"])
+    header["__metadata__"]["camres"] = json.dumps({**meta, **changes})
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(encoded)) + encoded + checkpoint[8 + size :]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that declares ``width``×``height`` grey pixels (a decompression bomb: its
+    header promises far more pixels than its few bytes hold)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: proof that a pickle was executed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def executable_pickle(marker: Path) -> bytes:
+    """A pickle that creates ``marker`` when it is loaded."""
+    import pickle
+
+    return pickle.dumps({"fc.weight": _CreatesFile(marker)}, protocol=4)
+
+
+def pool_processes(pid: int) -> list[int]:
+    """Child processes of ``pid`` (a Celery worker's pool), from /proc."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in task.read_text().split()]
+    return children
 
 
 def ucm_images(ucm_dir: Path, classes: list[str], per_class: int) -> dict[str, list[Path]]:
@@ -200,3 +261,103 @@ def subprocess_env(**settings: object) -> dict[str, str]:
 
 def camres_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", *args]
+
+
+# --- real processes ------------------------------------------------------------------------------
+STARTUP_TIMEOUT = 90.0
+JOB_TIMEOUT = 120.0
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def start_process(command: list[str], log: Path, **settings: object) -> subprocess.Popen[bytes]:
+    """A camres process with ``CAMRES_*`` settings, its output in ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=subprocess_env(**settings), stdout=out, stderr=out
+        )
+
+
+def worker_command(name: str) -> list[str]:
+    """A prefork worker with one pool process (whose death the tests provoke)."""
+    return camres_command(
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "--hostname",
+        name,
+        "--loglevel",
+        "INFO",
+    )
+
+
+class Api:
+    """The few calls the process tests make, on a TestClient or an httpx.Client."""
+
+    def __init__(self, client: Any, log: Path) -> None:
+        self.client = client
+        self.log = log
+
+    def ready(self, process: subprocess.Popen[bytes] | None = None) -> None:
+        def check() -> bool:
+            if process is not None:
+                assert process.poll() is None, f"process exited early:\n{log_tail(self.log)}"
+            try:
+                return bool(self.client.get("/readyz").status_code == 200)
+            except httpx.TransportError:
+                return False
+
+        wait_for(check, STARTUP_TIMEOUT, f"readiness\n{log_tail(self.log)}", step=0.25)
+
+    def upload_model(self, checkpoint: Path) -> str:
+        response = self.client.post(
+            "/v1/models", files={"file": ("tiny.safetensors", checkpoint.read_bytes())}
+        )
+        assert response.status_code == 201, response.text
+        model: str = response.json()["id"]
+        return model
+
+    def upload_dataset(self, data: bytes) -> str:
+        response = self.client.post("/v1/datasets", files={"file": ("d.zip", data)})
+        assert response.status_code == 201, response.text
+        dataset: str = response.json()["id"]
+        return dataset
+
+    def submit(self, spec: dict[str, Any], images: list[Path] | tuple[Path, ...] = ()) -> str:
+        files: list[tuple[str, Any]] = [("spec", (None, json.dumps(spec)))]
+        files += [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+        response = self.client.post("/v1/jobs", files=files)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        assert response.headers["location"] == f"/v1/jobs/{job_id}"
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    def wait(
+        self, job_id: str, until: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        job: dict[str, Any] = {}
+
+        def done() -> bool:
+            nonlocal job
+            job = self.job(job_id)
+            return until(job)
+
+        wait_for(done, JOB_TIMEOUT, f"job {job_id} {what}\n{log_tail(self.log)}", step=0.1)
+        return job
+
+    def finished(self, job_id: str) -> dict[str, Any]:
+        return self.wait(job_id, lambda job: job["status"] in TERMINAL_STATUSES, "to finish")
+
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})

@@ -1,17 +1,16 @@
 """End to end with real processes: a Celery worker on a real Redis behind the gateway, and the
 embedded single-machine deployment (`camres serve`). Every process started here is stopped by
-a fixture finalizer, also when the test fails."""
+a fixture finalizer, also when the test fails. (Crashes and restarts: test_faults.py.)"""
 
 from __future__ import annotations
 
 import io
-import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,94 +19,45 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from service.store import TERMINAL
 from service.store.sqlite import SQLiteJobStore
 from tests.service.support import (
-    REPO_ROOT,
+    Api,
     camres_command,
+    dataset_zip,
     free_port,
+    log_tail,
+    start_process,
     stop_process,
-    subprocess_env,
     wait_for,
+    worker_command,
 )
 
 pytestmark = pytest.mark.integration
 
-STARTUP_TIMEOUT = 90.0
-JOB_TIMEOUT = 90.0
 
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(errors="replace") if path.exists() else "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def start(command: list[str], log: Path, **settings: object) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command, cwd=REPO_ROOT, env=subprocess_env(**settings), stdout=out, stderr=out
-        )
-
-
-def wait_ready(client: httpx.Client, process: subprocess.Popen[bytes], log: Path) -> None:
-    def ready() -> bool:
-        assert process.poll() is None, f"process exited early:\n{log_tail(log)}"
-        try:
-            return client.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(ready, STARTUP_TIMEOUT, f"readiness\n{log_tail(log)}", step=0.25)
-
-
-def submit(client: httpx.Client, spec: dict[str, Any], images: list[Path] = ()) -> str:  # type: ignore[assignment]
-    files: list[tuple[str, Any]] = [("spec", (None, json.dumps(spec)))]
-    files += [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
-    response = client.post("/v1/jobs", files=files)
-    assert response.status_code == 202, response.text
-    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-def wait_finished(client: httpx.Client, job_id: str, log: Path) -> dict[str, Any]:
-    job: dict[str, Any] = {}
-
-    def done() -> bool:
-        nonlocal job
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        return job["status"] in TERMINAL
-
-    wait_for(done, JOB_TIMEOUT, f"job {job_id} to finish\n{log_tail(log)}", step=0.2)
-    return job
-
-
-def exercise_service(client: httpx.Client, checkpoint: Path, image: Path, log: Path) -> None:
+def exercise_service(
+    api: Api, data_dir: Path, checkpoint: Path, image: Path, ucm_dir: Path
+) -> None:
     """The flow both deployments must support: upload a model, run a CAM job on a real image,
-    download its overlay; a failing job fails with the core's error and the worker goes on."""
-    upload = client.post(
-        "/v1/models", files={"file": ("tiny.safetensors", checkpoint.read_bytes())}
-    )
-    assert upload.status_code == 201, upload.text
-    model = upload.json()["id"]
-
-    bad_damage = {
-        "kind": "damage",
-        "model": model,
-        "damage": {"targets": ["nope.*"], "fraction": 0.1},
-    }
-    failing = submit(client, bad_damage)
+    download its overlay; a task that raises fails its job with the error's type and message,
+    and the worker goes on serving."""
+    model = api.upload_model(checkpoint)
+    dataset = api.upload_dataset(dataset_zip(ucm_dir, ["airplane", "beach"], 1))
+    # The dataset's files vanish from the shared volume after admission: the task raises.
+    shutil.rmtree(data_dir / "datasets" / dataset / "data")
+    failing = api.submit({"kind": "evaluate", "model": model, "dataset": dataset})
     damage = {"targets": ["D4"], "fraction": 0.5}
-    cam_spec = {"kind": "cam", "model": model, "cam": {"top_k": 2}, "damage": damage}
-    cam = submit(client, cam_spec, [image])
+    cam = api.submit(
+        {"kind": "cam", "model": model, "cam": {"top_k": 2}, "damage": damage}, [image]
+    )
 
-    failed = wait_finished(client, failing, log)
+    failed = api.finished(failing)
     assert failed["status"] == "failed", failed
-    assert failed["error"]["type"] == "DamageSpecError"
-    assert "nope" in failed["error"]["message"]
+    assert failed["error"]["type"] == "DatasetError"
+    assert "does not exist" in failed["error"]["message"]
 
-    job = wait_finished(client, cam, log)
-    assert job["status"] == "succeeded", f"{job}\n{log_tail(log)}"
+    job = api.finished(cam)
+    assert job["status"] == "succeeded", f"{job}\n{log_tail(api.log)}"
     assert job["progress"]["fraction"] == 1.0
     [entry] = job["result"]["images"]
     intact, damaged = entry["conditions"]["intact"], entry["conditions"]["damaged"]
@@ -120,20 +70,20 @@ def exercise_service(client: httpx.Client, checkpoint: Path, image: Path, log: P
             assert 0 <= box["x0"] < box["x1"] <= width
             assert 0 <= box["y0"] < box["y1"] <= height
 
-    listed = client.get(f"/v1/jobs/{cam}/artifacts").json()["items"]
+    listed = api.client.get(f"/v1/jobs/{cam}/artifacts").json()["items"]
     names = {a["name"]: a for a in listed}
     for condition in (intact, damaged):
         overlay = names[condition["cams"][0]["artifacts"]["overlay"]]
         assert overlay["media_type"] == "image/png"
-        download = client.get(overlay["url"])
+        download = api.client.get(overlay["url"])
         assert download.status_code == 200
         assert download.headers["content-type"] == "image/png"
         with Image.open(io.BytesIO(download.content)) as png:
             assert png.format == "PNG"
             assert png.size == (width, height)
-    metrics = client.get("/metrics").text
+    metrics = api.client.get("/metrics").text
     assert 'camres_jobs_finished_total{kind="cam",status="succeeded"} 1.0' in metrics
-    assert 'camres_jobs_finished_total{kind="damage",status="failed"} 1.0' in metrics
+    assert 'camres_jobs_finished_total{kind="evaluate",status="failed"} 1.0' in metrics
 
 
 @pytest.fixture
@@ -148,18 +98,8 @@ def redis_deployment(
         heartbeat_interval=1.0,
     )
     log = tmp_path / "worker.log"
-    worker = start(
-        camres_command(
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            "1",
-            "--hostname",
-            f"{redis_prefix}@%h",
-            "--loglevel",
-            "INFO",
-        ),
+    worker = start_process(
+        worker_command(f"{redis_prefix}@%h"),
         log,
         data_dir=settings.data_dir,
         broker_url=redis_url,
@@ -174,17 +114,13 @@ def redis_deployment(
 
 
 def test_worker_on_redis(
-    redis_deployment: tuple[Settings, Path], tiny_checkpoint: Path, ucm_image: Path
+    redis_deployment: tuple[Settings, Path], tiny_checkpoint: Path, ucm_image: Path, ucm_dir: Path
 ) -> None:
     settings, log = redis_deployment
     with TestClient(create_app(settings)) as client:
-        wait_for(
-            lambda: client.get("/readyz").status_code == 200,
-            STARTUP_TIMEOUT,
-            f"the worker's heartbeat\n{log_tail(log)}",
-            step=0.25,
-        )
-        exercise_service(client, tiny_checkpoint, ucm_image, log)
+        api = Api(client, log)
+        api.ready()
+        exercise_service(api, settings.data_dir, tiny_checkpoint, ucm_image, ucm_dir)
 
 
 @pytest.fixture
@@ -193,7 +129,7 @@ def embedded(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Pat
     port = free_port()
     data_dir = tmp_path / "var"
     log = tmp_path / "serve.log"
-    serve = start(
+    serve = start_process(
         camres_command("serve", "--port", str(port), "--data-dir", str(data_dir)),
         log,
         heartbeat_interval=1.0,
@@ -208,11 +144,13 @@ def test_embedded_serve(
     embedded: tuple[subprocess.Popen[bytes], str, Path, Path],
     tiny_checkpoint: Path,
     ucm_image: Path,
+    ucm_dir: Path,
 ) -> None:
     serve, url, data_dir, log = embedded
     with httpx.Client(base_url=url, timeout=30) as client:
-        wait_ready(client, serve, log)
-        exercise_service(client, tiny_checkpoint, ucm_image, log)
+        api = Api(client, log)
+        api.ready(serve)
+        exercise_service(api, data_dir, tiny_checkpoint, ucm_image, ucm_dir)
     [beat] = SQLiteJobStore(data_dir / "camres.sqlite3").workers()
     worker_pid = beat.info["pid"]
     assert beat.name.startswith("embedded@")

@@ -1,5 +1,6 @@
 """/v1/jobs on the embedded broker: admission, validation naming fields, listing, cancel,
-artifacts. No worker runs here, so submitted jobs stay queued; the broker message is real."""
+artifacts. No worker runs here, so submitted jobs stay queued; the broker message is real.
+(Refused inputs — bad images, limits, malformed specs — are in test_bad_input.py.)"""
 
 from __future__ import annotations
 
@@ -86,7 +87,6 @@ def test_damage_jobs_go_to_the_cpu_queue(
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
-        ({**CAM, "damage": {"fraction": 2}}, "spec.damage.fraction"),
         ({**CAM, "damage": {"fraction": 0.1, "fault": {"kind": "melt"}}}, "spec.damage.fault"),
         ({**CAM, "cam": {"top_k": 0}}, "spec.cam.top_k"),
         ({**CAM, "cam": {"colormap": "rainbow"}}, "spec.cam.colormap"),
@@ -108,15 +108,6 @@ def test_validation_errors_name_the_field(
     assert response.status_code == 422, response.text
     assert field in field_errors(response), response.json()
     assert response.json()["type"] == "urn:camres:problem:validation-error"
-
-
-def test_invalid_json_and_missing_spec(client: TestClient) -> None:
-    response = submit(client, "{not json")
-    assert response.status_code == 422
-    assert "spec" in field_errors(response)
-    missing = client.post("/v1/jobs", files=[("images", ("a.jpg", b"x"))])
-    assert missing.status_code == 422
-    assert "spec" in field_errors(missing)
 
 
 def test_a_urlencoded_form_is_accepted_and_json_is_not(client: TestClient, model_id: str) -> None:
@@ -153,35 +144,6 @@ def test_references_are_checked(
         client, {**CAM, "model": model_id, "retrain": {"dataset": "ds-x"}}, [image]
     )
     assert "spec.retrain" in field_errors(retrain_without_damage)
-
-
-def test_bad_images_are_refused_and_nothing_is_queued(
-    client: TestClient, settings: Settings, model_id: str, image: tuple[str, bytes]
-) -> None:
-    truncated = (image[0], image[1][: len(image[1]) // 3])
-    response = submit(client, {**CAM, "model": model_id}, [image, truncated])
-    assert response.status_code == 422
-    assert "images[1]" in field_errors(response)
-    text = ("notes.jpg", b"plain text, not an image")
-    assert "images[0]" in field_errors(submit(client, {**CAM, "model": model_id}, [text]))
-    assert client.get("/v1/jobs").json()["items"] == []
-    assert broker_messages(settings) == []
-    assert list(settings.uploads_dir.iterdir()) == []
-
-
-def test_image_count_and_pixel_limits(
-    tmp_path: Path, tiny_checkpoint: Path, ucm_image: Path
-) -> None:
-    settings = Settings(data_dir=tmp_path / "var", max_images_per_job=1, max_image_pixels=10_000)
-    with TestClient(create_app(settings)) as client:
-        model = client.post(
-            "/v1/models", files={"file": ("m.safetensors", tiny_checkpoint.read_bytes())}
-        ).json()["id"]
-        image = (ucm_image.name, ucm_image.read_bytes())
-        two = submit(client, {**CAM, "model": model}, [image, image])
-        assert "at most 1" in field_errors(two)["images"]
-        big = submit(client, {**CAM, "model": model}, [image])  # 256×256 > 10 000 px
-        assert "over the limit" in field_errors(big)["images[0]"]
 
 
 def test_dataset_images_are_checked_against_the_dataset(
@@ -289,10 +251,6 @@ def test_artifacts(
     assert download.headers["content-type"] == "image/png"
     missing = client.get(f"/v1/jobs/{job['id']}/artifacts/nothing.png")
     assert missing.status_code == 404
-    for bad in ("a/b.png", "..%2F..%2Fcamres.sqlite3", ".hidden"):
-        response = client.get(f"/v1/jobs/{job['id']}/artifacts/{bad}")
-        assert response.status_code in (400, 404), bad
-        assert response.headers["content-type"] == "application/problem+json"
 
 
 def test_a_broker_failure_fails_the_job_and_answers_503(

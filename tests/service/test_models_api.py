@@ -1,16 +1,14 @@
-"""/v1/models with a real checkpoint written by core.checkpoint."""
+"""/v1/models with a real checkpoint written by core.checkpoint. (Refused uploads — pickles,
+garbage, checkpoints contradicting their weights — are in test_bad_input.py.)"""
 
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import httpx
-import torch
 from fastapi.testclient import TestClient
 
-from service.settings import Settings
 from tests.service.support import TINY_CLASSES, TINY_INPUT_SIZE
 
 
@@ -68,29 +66,6 @@ def test_uploading_the_same_bytes_twice_keeps_one_model(
     assert again.status_code == 201
     assert again.json()["id"] == model_id
     assert len(client.get("/v1/models").json()["items"]) == 2
-
-
-def test_a_pickle_is_refused_and_stored_models_survive(client: TestClient, model_id: str) -> None:
-    buffer = io.BytesIO()
-    torch.save({"fc.weight": torch.zeros(3, 4)}, buffer)
-    response = upload(client, buffer.getvalue(), "model.pt")
-    assert response.status_code == 422
-    problem = response.json()
-    assert response.headers["content-type"] == "application/problem+json"
-    assert problem["type"] == "urn:camres:problem:checkpoint"
-    assert problem["errors"][0]["field"] == "file"
-    assert "pickle" in problem["detail"] or "zip" in problem["detail"]
-    assert client.get(f"/v1/models/{model_id}").status_code == 200
-
-
-def test_garbage_and_empty_files_are_refused(client: TestClient, settings: Settings) -> None:
-    for data in (b"definitely not safetensors", b""):
-        response = upload(client, data)
-        assert response.status_code == 422, response.text
-        assert response.json()["errors"][0]["field"] == "file"
-    # Nothing half-written is left behind.
-    assert list(settings.models_dir.iterdir()) == []
-    assert list(settings.tmp_dir.iterdir()) == []
 
 
 def test_a_json_body_is_unsupported_media(client: TestClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from service.settings import Settings
 from service.store import (
+    ANY_OWNER,
     InvalidCursorError,
     JobConflictError,
     JobError,
@@ -19,6 +21,7 @@ from service.store import (
     JobRecord,
     JobStore,
     StoreError,
+    TooManyJobsError,
     open_store,
 )
 from service.store.redis import RedisJobStore
@@ -269,3 +272,119 @@ def test_unreachable_redis_is_a_store_error() -> None:
         store.ping()
     with pytest.raises(StoreError):
         store.get("a")
+
+
+def test_owners_filter_listings(store: JobStore) -> None:
+    for job_id, owner in (("a", "alice"), ("b", "bob"), ("c", None), ("d", "alice")):
+        store.create(job(job_id, created_at=ord(job_id)).model_copy(update={"owner": owner}))
+    assert [r.id for r in store.list_jobs(owner="alice").items] == ["d", "a"]
+    assert [r.id for r in store.list_jobs(owner=None).items] == ["c"]
+    assert [r.id for r in store.list_jobs(owner=ANY_OWNER).items] == ["d", "c", "b", "a"]
+    page = store.list_jobs(owner="alice", limit=1)
+    assert [r.id for r in page.items] == ["d"]
+    assert [r.id for r in store.list_jobs(owner="alice", cursor=page.next_cursor).items] == ["a"]
+    stored = store.get("b")
+    assert stored is not None
+    assert stored.owner == "bob"
+
+
+def test_the_active_job_limit_is_per_owner_and_frees_up(store: JobStore) -> None:
+    def owned(job_id: str, owner: str) -> JobRecord:
+        return job(job_id).model_copy(update={"owner": owner})
+
+    store.create(owned("a1", "alice"), max_active=2)
+    store.create(owned("a2", "alice"), max_active=2)
+    with pytest.raises(TooManyJobsError) as refused:
+        store.create(owned("a3", "alice"), max_active=2)
+    assert refused.value.limit == 2
+    assert store.get("a3") is None
+    store.create(owned("b1", "bob"), max_active=2)  # bob has his own allowance
+    store.start("a1", "w")  # running still counts
+    with pytest.raises(TooManyJobsError):
+        store.create(owned("a3", "alice"), max_active=2)
+    store.finish("a1", "succeeded", result={})
+    store.create(owned("a3", "alice"), max_active=2)
+    store.request_cancel("a2")
+    store.create(owned("a4", "alice"), max_active=2)
+    assert store.counts()[("cam", "queued")] == 3
+
+
+def test_concurrent_submissions_never_exceed_the_limit(store: JobStore) -> None:
+    accepted: list[str] = []
+    refused: list[str] = []
+
+    def submit(i: int) -> None:
+        try:
+            store.create(job(f"j{i}").model_copy(update={"owner": "o"}), max_active=5)
+            accepted.append(f"j{i}")
+        except TooManyJobsError:
+            refused.append(f"j{i}")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(accepted), len(refused)) == (5, 15)
+    assert len(store.list_jobs(owner="o").items) == 5
+
+
+def test_attempts_are_counted_and_a_running_job_can_be_requeued(store: JobStore) -> None:
+    store.create(job("a"))
+    assert not store.requeue("a")  # only a running job goes back to the queue
+    store.start("a", "w1")
+    assert store.requeue("a")
+    requeued = store.get("a")
+    assert requeued is not None
+    assert (requeued.status, requeued.attempts, requeued.worker) == ("queued", 1, None)
+    again = store.start("a", "w2")
+    assert again is not None
+    assert (again.status, again.attempts) == ("running", 2)
+    assert store.counts() == {("cam", "running"): 1}
+
+
+def test_expired_jobs_are_deleted_and_still_counted(store: JobStore) -> None:
+    for job_id in ("old", "new", "open"):
+        store.create(job(job_id))
+    store.start("old", "w")
+    store.finish("old", "succeeded", result={})
+    time.sleep(0.05)
+    cutoff = time.time()
+    time.sleep(0.05)
+    store.request_cancel("new")
+    assert store.expired(cutoff) == ["old"]
+    assert store.expired(time.time() + 1) == ["old", "new"]
+    assert not store.delete("open")  # an unfinished job is never deleted
+    assert store.delete("old")
+    assert not store.delete("old")
+    assert store.get("old") is None
+    assert [r.id for r in store.list_jobs().items] == ["open", "new"]
+    assert store.expired(time.time() + 1) == ["new"]
+    # Finished counts feed Prometheus counters: a deletion must not lower them.
+    assert store.counts() == {
+        ("cam", "succeeded"): 1,
+        ("cam", "cancelled"): 1,
+        ("cam", "queued"): 1,
+    }
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, "
+            "created_at REAL NOT NULL, started_at REAL, finished_at REAL, spec TEXT NOT NULL, "
+            "progress TEXT NOT NULL, result TEXT, error TEXT, "
+            "cancel_requested INTEGER NOT NULL DEFAULT 0, worker TEXT);"
+            "INSERT INTO jobs VALUES ('j', 'cam', 'queued', 1.0, NULL, NULL, '{}', '{}', NULL, "
+            "NULL, 0, NULL);"
+        )
+    store = SQLiteJobStore(path)
+    record = store.get("j")
+    assert record is not None
+    assert (record.owner, record.attempts) == (None, 0)
+    started = store.start("j", "w")
+    assert started is not None
+    assert started.attempts == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -238,14 +239,28 @@ def test_a_hard_time_limit_reported_by_the_pool_fails_the_job(
     assert record.error.type == "TimeLimitExceeded"
 
 
-def test_worker_start_fails_its_orphans_and_beats(svc: runtime.WorkerServices) -> None:
+def broker_ids(settings: Settings) -> list[str]:
+    """Task ids of the messages waiting in the embedded broker."""
+    return sorted(
+        json.loads(path.read_text())["headers"]["id"]
+        for path in (settings.broker_dir / "queue").glob("*.msg")
+    )
+
+
+def test_worker_start_recovers_its_orphans_and_beats(svc: runtime.WorkerServices) -> None:
+    """The embedded broker lost the messages of the jobs a killed worker had taken: the next
+    start of that worker sends them again, or fails those whose worker died too often."""
     from types import SimpleNamespace
 
     from worker import app
 
-    mine, other = queued(svc.store, "mine"), queued(svc.store, "other")
-    svc.store.start(mine, "embedded@host")
+    orphan, exhausted, other = (queued(svc.store, name) for name in ("orphan", "tired", "other"))
+    svc.store.start(orphan, "embedded@host")
+    for _ in range(svc.settings.max_attempts):
+        svc.store.start(exhausted, "embedded@host")
     svc.store.start(other, "gpu1@host")
+    svc.store.create(JobRecord(id="lost", kind="cam", spec={}, created_at=time.time() - 3600))
+    fresh = queued(svc.store, "fresh")  # its gateway is sending it right now
     consumer = SimpleNamespace(
         hostname="embedded@host",
         task_consumer=SimpleNamespace(queues=[SimpleNamespace(name="gpu")]),
@@ -258,12 +273,60 @@ def test_worker_start_fails_its_orphans_and_beats(svc: runtime.WorkerServices) -
         assert beats[0].info["queues"] == ["gpu"]
     finally:
         app._on_shutdown()
-    orphan = svc.store.get(mine)
-    assert orphan is not None
-    assert orphan.status == "failed"
-    assert orphan.error is not None
-    assert orphan.error.type == "WorkerLostError"
+    assert broker_ids(svc.settings) == ["lost", "orphan"]
+    requeued = svc.store.get(orphan)
+    assert requeued is not None
+    assert (requeued.status, requeued.attempts, requeued.worker) == ("queued", 1, None)
+    failed = svc.store.get(exhausted)
+    assert failed is not None
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error.type == "WorkerLostError"
+    assert "died 3 times (limit 3 attempts)" in failed.error.message
     assert svc.store.get(other).status == "running"  # type: ignore[union-attr]
+    assert svc.store.get(fresh).status == "queued"  # type: ignore[union-attr]
+
+
+def test_a_job_whose_worker_keeps_dying_fails_instead_of_running_again(
+    svc: runtime.WorkerServices,
+) -> None:
+    job_id = queued(svc.store)
+    for _ in range(svc.settings.max_attempts):  # each run was killed with its worker
+        svc.store.start(job_id, "w")
+    called = []
+    summary = runtime.run_job(job_id, "w", lambda ctx: called.append(1) or {})  # type: ignore[func-returns-value]
+    assert summary["status"] == "failed"
+    assert called == []
+    record = svc.store.get(job_id)
+    assert record is not None
+    assert record.error is not None
+    assert (record.status, record.error.type) == ("failed", "WorkerLostError")
+
+
+def test_a_redelivered_job_runs_again_and_counts_the_attempt(svc: runtime.WorkerServices) -> None:
+    job_id = queued(svc.store)
+    svc.store.start(job_id, "w-killed")
+    assert runtime.run_job(job_id, "w2", lambda ctx: {"ok": True})["status"] == "succeeded"
+    record = svc.store.get(job_id)
+    assert record is not None
+    assert (record.status, record.attempts, record.worker) == ("succeeded", 2, "w2")
+
+
+def test_a_periodic_thread_survives_a_failing_action() -> None:
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("store down for a moment")
+
+    periodic = runtime.Periodic("test", 0.02, flaky)
+    periodic.start()
+    deadline = time.monotonic() + 10
+    while len(calls) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    periodic.stop()
+    assert len(calls) >= 4
 
 
 def test_a_scaled_out_worker_leaves_running_jobs_to_redelivery(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from service.auth import LOCAL
 from service.store import JobRecord
 from service.submission import MANIFEST, InputImage, Manifest
 from tests.service.support import TINY_CLASSES, ucm_images
@@ -35,7 +36,12 @@ def dataset_id(svc: runtime.WorkerServices, ucm_dir: Path, tmp_path: Path) -> st
     return svc.datasets.register(folder, "ucm3", max_pixels=10**8).id
 
 
-def submit(svc: runtime.WorkerServices, spec: dict[str, Any], images: list[Path] = ()) -> str:  # type: ignore[assignment]
+def submit(
+    svc: runtime.WorkerServices,
+    spec: dict[str, Any],
+    images: list[Path] = (),  # type: ignore[assignment]
+    owner: str | None = None,
+) -> str:
     """What the gateway does: store the inputs, create the record."""
     job_id = f"job-{len(svc.store.list_jobs(limit=500).items)}"
     if images:
@@ -46,7 +52,7 @@ def submit(svc: runtime.WorkerServices, spec: dict[str, Any], images: list[Path]
             shutil.copyfile(path, folder / f"{i:03d}-{path.name}")
             entries.append(InputImage(name=path.name, file=f"{i:03d}-{path.name}"))
         (folder / MANIFEST).write_text(Manifest(images=entries).model_dump_json())
-    svc.store.create(JobRecord(id=job_id, kind=spec["kind"], spec=spec))
+    svc.store.create(JobRecord(id=job_id, kind=spec["kind"], spec=spec, owner=owner))
     return job_id
 
 
@@ -198,7 +204,7 @@ def test_damage_that_matches_no_layer_fails_with_the_field(
     assert record.error is not None
     assert record.error.type == "DamageSpecError"
     assert record.error.field == "targets"
-    assert [m.id for m in svc.models.list() if not m.builtin] == [model_id]
+    assert [m.id for m in svc.models.list_for(LOCAL) if not m.builtin] == [model_id]
 
 
 def test_train_task_from_a_stored_checkpoint(
@@ -335,3 +341,24 @@ def test_retraining_an_intact_model_fails_the_job(
     assert record.status == "failed"
     assert record.error is not None
     assert record.error.type == "CheckpointError"
+
+
+def test_jobs_use_and_produce_their_owners_models_only(
+    svc: runtime.WorkerServices, tiny_checkpoint: Path
+) -> None:
+    copy = svc.models.new_tmp_path()
+    shutil.copyfile(tiny_checkpoint, copy)
+    alices, _ = svc.models.add(copy, "alice")
+    damage = {"targets": ["D4"], "fraction": 0.2}
+    mine = submit(svc, {"kind": "damage", "model": alices.id, "damage": damage}, owner="alice")
+    theirs = submit(svc, {"kind": "damage", "model": alices.id, "damage": damage}, owner="bob")
+    tasks.damage.apply(args=[mine])
+    tasks.damage.apply(args=[theirs])
+    produced = finished(svc, mine).result["model"]  # type: ignore[index]
+    assert svc.models.get(produced, "alice") is not None
+    assert svc.models.get(produced, "bob") is None
+    assert svc.models.get(produced) is None  # not among the unowned models either
+    refused = finished(svc, theirs)
+    assert refused.status == "failed"
+    assert refused.error is not None
+    assert (refused.error.type, refused.error.field) == ("CheckpointError", "spec.model")
