@@ -15,12 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
+from cli.params import OUT_DIR, validated
 from core.cam_options import CamMethodName, CamOptions, ColormapName
 from core.results import ImageCam
 
 __all__ = ["cam"]
+
+
+#: CamOptions fields whose command-line option is not ``--field-name``.
+_OPTION_NAMES = {
+    "classes": "--class",
+    "har_threshold": "--threshold",
+    "har_all_components": "--all-components",
+    "har_min_area": "--min-area",
+}
 
 
 @click.command("cam")
@@ -36,7 +45,7 @@ __all__ = ["cam"]
     "--out",
     "out_dir",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OUT_DIR,
     help="Output folder (created if missing).",
 )
 @click.option(
@@ -101,7 +110,9 @@ def cam(
 
     Every image is decoded before anything is computed, so a bad file stops the run early.
     """
-    options = _options(
+    options = validated(
+        CamOptions,
+        _OPTION_NAMES,
         method=method,
         classes=list(classes) or None,
         top_k=top_k,
@@ -133,16 +144,6 @@ def cam(
         for (_, image), (_, path), explanation in zip(decoded, chunk, explanations, strict=True):
             result = write_artifacts(explanation, image, out_dir, options)
             click.echo(_summary(path, result))
-
-
-def _options(**values: Any) -> CamOptions:
-    try:
-        return CamOptions(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
-        raise click.UsageError(problems) from None
 
 
 def _device(name: str) -> Any:

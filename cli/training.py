@@ -10,20 +10,18 @@ torch is imported only inside the commands, so ``--help`` stays fast.
 
 from __future__ import annotations
 
-import json
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import BaseModel, ValidationError
-from tqdm import tqdm
+from pydantic import BaseModel
 
+from cli.params import CHECKPOINT, FOLDER, OUTPUT, echo_json, percent, progress_bar, validated
 from core.damage_spec import BitFlip, DamageSpec, Gaussian, StuckAt
 from core.exceptions import CheckpointError, DatasetError
-from core.progress import Progress, ProgressCallback
+from core.progress import Progress
 from core.train_spec import (
     CheckpointInit,
     Evaluation,
@@ -35,37 +33,19 @@ from core.train_spec import (
 )
 
 if TYPE_CHECKING:
-    from core.checkpoint import Checkpoint
-    from core.datasets import ImageFolder
+    pass
 
 __all__ = ["damage", "evaluate", "retrain", "train"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
 
-CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)
-FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
-OUTPUT = click.Path(dir_okay=False, writable=True, path_type=Path)
 
 #: Option defaults come from the configuration model, so the CLI cannot drift from the API.
 DEFAULTS = TrainConfig()
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-def _validated(model: type[M], options: dict[str, str], **values: Any) -> M:
-    """``model(**values)``, with validation errors reported against the command-line options
-    (``options`` maps field names to option names where they differ from ``--field-name``)."""
-    try:
-        return model(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            option = options.get(field, "--" + field.replace("_", "-"))
-            problems.append(f"{option}: {error['msg']}")
-        raise click.UsageError("; ".join(problems)) from None
 
 
 def _training_options(epochs: int, lr: float) -> Callable[[F], F]:
@@ -107,23 +87,9 @@ def _training_options(epochs: int, lr: float) -> Callable[[F], F]:
     return decorate
 
 
-@contextmanager
-def _progress_bar(description: str) -> Iterator[ProgressCallback]:
-    """A tqdm bar over a job's overall fraction, with its latest metrics as postfix (hidden
-    when stderr is not a terminal)."""
-    with tqdm(total=1.0, desc=description, unit="", disable=None, leave=False) as bar:
-        bar.bar_format = "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
-
-        def update(progress: Progress) -> None:
-            bar.n = progress.fraction
-            bar.set_description(progress.stage, refresh=False)
-            bar.set_postfix_str(_metrics(progress.metrics), refresh=False)
-            bar.refresh()
-
-        yield update
-
-
-def _metrics(metrics: dict[str, Any]) -> str:
+def _metrics(progress: Progress) -> str:
+    """The bar's postfix: epoch and the latest loss / accuracies."""
+    metrics = progress.metrics
     shown = []
     if "epoch" in metrics:
         shown.append(f"epoch {metrics['epoch']}/{metrics.get('epochs', '?')}")
@@ -132,14 +98,6 @@ def _metrics(metrics: dict[str, Any]) -> str:
         if isinstance(value, float):
             shown.append(f"{key} {value:.3f}")
     return ", ".join(shown)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
-
-
-def _percent(value: float | None) -> str:
-    return "   n/a" if value is None else f"{100 * value:5.1f}%"
 
 
 # --------------------------------------------------------------------------- train
@@ -189,18 +147,18 @@ def train(
 ) -> None:
     """Train a classifier on the image folder DATASET (one sub-folder per class, or the UC
     Merced archive layout) and evaluate it on a held-out stratified test split."""
-    config = _validated(TrainConfig, {"init": "--init"}, init=_init(init), **settings)
+    config = validated(TrainConfig, {"init": "--init"}, init=_init(init), **settings)
     if arch is None and not isinstance(config.init, CheckpointInit):
         arch = "resnet18"
     class_list = _class_list(dataset, classes, classes_from)
 
     from core.training import train_classifier
 
-    with _progress_bar("train") as progress:
+    with progress_bar("train", _metrics) as progress:
         trained = train_classifier(dataset, arch, config, classes=class_list, progress=progress)
     digest = trained.save(out)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "checkpoint": str(out),
                 "digest": digest,
@@ -216,11 +174,11 @@ def train(
         f"trained {trained.meta.arch} on {len(trained.meta.classes)} classes for "
         f"{result.epochs_run} epochs in {result.seconds:.0f} s on {result.device} "
         f"(train loss {last.train_loss:.4f}, best epoch {result.best_epoch}, "
-        f"val accuracy {_percent(result.best_val_accuracy).strip()})"
+        f"val accuracy {percent(result.best_val_accuracy).strip()})"
     )
     if trained.evaluation is not None:
         click.echo(
-            f"test accuracy {_percent(trained.evaluation.accuracy).strip()} "
+            f"test accuracy {percent(trained.evaluation.accuracy).strip()} "
             f"on {trained.evaluation.count} images"
         )
     click.echo(f"wrote {out} ({digest})")
@@ -304,11 +262,11 @@ def damage(
 ) -> None:
     """Damage the weights of CHECKPOINT permanently and save the result with its masks."""
     fault_spec = {
-        "stuck_at": lambda: _validated(StuckAt, {}, value=value),
-        "bit_flip": lambda: _validated(BitFlip, {"bits": "--bit"}, bits=list(bits) or None),
-        "gaussian": lambda: _validated(Gaussian, {}, sigma=sigma),
+        "stuck_at": lambda: validated(StuckAt, {}, value=value),
+        "bit_flip": lambda: validated(BitFlip, {"bits": "--bit"}, bits=list(bits) or None),
+        "gaussian": lambda: validated(Gaussian, {}, sigma=sigma),
     }[fault]()
-    spec = _validated(
+    spec = validated(
         DamageSpec,
         {"targets": "--target"},
         targets=list(targets) or None,
@@ -347,83 +305,38 @@ def retrain(checkpoint: Path, dataset: Path, out: Path, as_json: bool, **setting
     The images are split as the checkpoint's training split was (recorded in its lineage), so
     the reported test accuracy is on images the model never trained on.
     """
-    from core.checkpoint import load_model, save_checkpoint
-    from core.checkpoint_meta import LineageStep
-    from core.damage import fault_values, verify_damage
-    from core.damage import retrain as masked_retrain
-    from core.evaluation import evaluate
-    from core.training_data import SplitSettings, load_splits, training_split
+    from core.resilience import retrain_checkpoint
 
-    model, ckpt = load_model(checkpoint)
-    if not ckpt.damage_masks:
-        raise CheckpointError(
-            f"{checkpoint} has no damage masks: damage it first (camres damage)",
-            field="checkpoint",
-        )
-    config = _validated(TrainConfig, {}, **settings)
-    split = training_split(ckpt.meta) or SplitSettings(
-        config.seed, config.val_fraction, config.test_fraction
-    )
-    data = load_splits(
-        _model_folder(dataset, ckpt),
-        ckpt.meta.preprocessing,
-        val_fraction=split.val_fraction,
-        test_fraction=split.test_fraction,
-        seed=split.seed,
-    )
-
-    def test_evaluation() -> Evaluation | None:
-        if data.test is None:
-            return None
-        return evaluate(model, data.test, classes=ckpt.meta.classes, device=config.device)
-
-    before = test_evaluation()
-    values = fault_values(model, ckpt.damage_masks)
-    with _progress_bar("retrain") as progress:
-        result = masked_retrain(
-            model, ckpt.damage_masks, data.train, data.val, config, progress=progress
-        )
-    check = verify_damage(model, ckpt.damage_masks, values)
-    after = test_evaluation()
-
-    step = LineageStep(
-        op="retrain", parent_digest=ckpt.digest, params={"config": config.model_dump(mode="json")}
-    )
-    provenance = {**ckpt.meta.provenance, "test_accuracy": after and after.accuracy}
-    meta = ckpt.meta.model_copy(
-        update={"lineage": [*ckpt.meta.lineage, step], "provenance": provenance}
-    )
-    digest = save_checkpoint(out, model, meta, damage_masks=ckpt.damage_masks)
+    config = validated(TrainConfig, {}, **settings)
+    with progress_bar("retrain", _metrics) as progress:
+        try:
+            outcome = retrain_checkpoint(checkpoint, dataset, config, out, progress=progress)
+        except CheckpointError as exc:  # the command's only checkpoint is CHECKPOINT
+            raise CheckpointError(exc.message, field="checkpoint") from None
+    check, before, after = outcome.damage_check, outcome.before, outcome.after
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "checkpoint": str(out),
-                "digest": digest,
-                "result": result.model_dump(mode="json"),
-                "damage_check": check.as_dict(),
+                "digest": outcome.digest,
+                "result": outcome.result.model_dump(mode="json"),
+                "damage_check": check,
                 "before": _dump(before),
                 "after": _dump(after),
             }
         )
         return
-    summary = check.as_dict()
     if before is not None and after is not None:
         click.echo(
-            f"accuracy on {after.count} held-out images: {_percent(before.accuracy).strip()} "
-            f"damaged → {_percent(after.accuracy).strip()} after {result.epochs_run} epoch(s)"
+            f"accuracy on {after.count} held-out images: {percent(before.accuracy).strip()} "
+            f"damaged → {percent(after.accuracy).strip()} after "
+            f"{outcome.result.epochs_run} epoch(s)"
         )
     click.echo(
-        f"{summary['damaged']} damaged weights, {summary['mismatched']} moved from their "
-        f"fault value ({'ok' if check.ok else 'VIOLATED'})"
+        f"{check['damaged']} damaged weights, {check['mismatched']} moved from their "
+        f"fault value ({'ok' if check['ok'] else 'VIOLATED'})"
     )
-    click.echo(f"wrote {out} ({digest})")
-
-
-def _model_folder(dataset: Path, ckpt: Checkpoint) -> ImageFolder:
-    """DATASET's images of the checkpoint's classes, labelled in the model's class order."""
-    from core.datasets import ImageFolder
-
-    return ImageFolder.from_path(dataset, classes=ckpt.meta.classes)
+    click.echo(f"wrote {out} ({outcome.digest})")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -466,7 +379,7 @@ def evaluate(
 
     model, ckpt = load_model(checkpoint)
     table = ClassMapping.load(mapping) if mapping is not None else None
-    with _progress_bar("evaluate") as progress:
+    with progress_bar("evaluate", _metrics) as progress:
         result = evaluate_folder(
             model,
             ckpt.meta,
@@ -478,7 +391,7 @@ def evaluate(
             progress=progress,
         )
     if as_json:
-        _echo_json(result.model_dump(mode="json"))
+        echo_json(result.model_dump(mode="json"))
     else:
         click.echo(_report(result))
 
@@ -486,11 +399,11 @@ def evaluate(
 def _report(result: Evaluation) -> str:
     """Accuracy, a per-class table and the confusion matrix (rows = true class)."""
     width = max(len(name) for name in result.classes)
-    lines = [f"accuracy {_percent(result.accuracy).strip()} on {result.count} images", ""]
+    lines = [f"accuracy {percent(result.accuracy).strip()} on {result.count} images", ""]
     lines.append(f"{'class':<{width}}  images  accuracy")
     for name in result.classes:
         accuracy = result.per_class_accuracy[name]
-        lines.append(f"{name:<{width}}  {result.per_class_count[name]:6d}  {_percent(accuracy)}")
+        lines.append(f"{name:<{width}}  {result.per_class_count[name]:6d}  {percent(accuracy)}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted, in the order above)"]
     cell = max(3, len(str(max(max(row) for row in result.confusion_matrix))))
     header = " ".join(f"{i:>{cell}}" for i in range(len(result.classes)))

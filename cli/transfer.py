@@ -12,17 +12,14 @@ torch is imported only inside the command, so ``--help`` stays fast.
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import BaseModel, ValidationError
-from tqdm import tqdm
+from pydantic import BaseModel
 
+from cli.params import CHECKPOINT, FOLDER, percent, progress_bar, validated
 from core.cam_options import CamMethodName, CamOptions
-from core.progress import Progress, ProgressCallback
 from core.train_spec import OptimizerName, TrainConfig
 
 if TYPE_CHECKING:
@@ -32,8 +29,6 @@ __all__ = ["transfer"]
 
 M = TypeVar("M", bound=BaseModel)
 
-FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 #: Fine-tuning starts from a trained network: a smaller step than training from scratch.
 FINE_TUNE_LR = 0.01
@@ -42,7 +37,7 @@ _TITLES = {"ucm": "UC Merced", "aid": "AID"}
 
 
 @click.command("transfer")
-@click.option("--model", "checkpoint", required=True, type=FILE, help="camres checkpoint.")
+@click.option("--model", "checkpoint", required=True, type=CHECKPOINT, help="camres checkpoint.")
 @click.option(
     "--target",
     required=True,
@@ -52,7 +47,7 @@ _TITLES = {"ucm": "UC Merced", "aid": "AID"}
 @click.option(
     "--mapping",
     required=True,
-    type=FILE,
+    type=CHECKPOINT,
     help="Class mapping JSON (ucm_aid_classes.json); its direction follows from the model's "
     "class names.",
 )
@@ -129,12 +124,12 @@ def transfer(
     shared and previously unseen classes), optionally after fine-tuning on them."""
     if save_model is not None and fine_tune_epochs == 0:
         raise click.UsageError("--save-model needs --fine-tune-epochs")
-    options = _validated(
+    options = validated(
         CamOptions, {"har_threshold": "--threshold"}, method=method, har_threshold=threshold
     )
     config = None
     if fine_tune_epochs:
-        config = _validated(TrainConfig, {}, epochs=fine_tune_epochs, device=device, **training)
+        config = validated(TrainConfig, {}, epochs=fine_tune_epochs, device=device, **training)
 
     from core.checkpoint import load_model, save_checkpoint
     from core.datasets import ClassMapping
@@ -144,7 +139,7 @@ def transfer(
 
     table = ClassMapping.load(mapping)
     model, ckpt = load_model(checkpoint, device=resolve_device(device))
-    with _progress_bar() as progress:
+    with progress_bar("transfer") as progress:
         result = run_transfer(
             model,
             ckpt.meta,
@@ -170,35 +165,6 @@ def transfer(
         click.echo(f"wrote {save_model} ({digest})")
 
 
-def _validated(model: type[M], options: dict[str, str], **values: Any) -> M:
-    """``model(**values)``, with validation errors reported against the command-line options
-    (``options`` maps field names to option names where they differ from ``--field-name``)."""
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            option = options.get(field, "--" + field.replace("_", "-"))
-            problems.append(f"{option}: {error['msg']}")
-        raise click.UsageError("; ".join(problems)) from None
-
-
-@contextmanager
-def _progress_bar() -> Iterator[ProgressCallback]:
-    """A tqdm bar over the job's overall fraction, named after the running stage (hidden when
-    stderr is not a terminal)."""
-    with tqdm(total=1.0, desc="transfer", unit="", disable=None, leave=False) as bar:
-        bar.bar_format = "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
-
-        def update(progress: Progress) -> None:
-            bar.n = progress.fraction
-            bar.set_description(progress.stage, refresh=False)
-            bar.refresh()
-
-        yield update
-
-
 def _report(summary: TransferSummary) -> str:
     """Accuracy before (and after) fine-tuning, per shared class, and what the unseen classes
     were taken for."""
@@ -212,7 +178,7 @@ def _report(summary: TransferSummary) -> str:
     for name, outcome in summary.before.per_class.items():
         lines.append(
             f"{name:<20} {outcome.expected or '':<20} {outcome.images:6d}  "
-            f"{_percent(outcome.accuracy)}"
+            f"{percent(outcome.accuracy)}"
         )
     for name, outcome in summary.before.unseen.items():
         taken = ", ".join(f"{label} ×{n}" for label, n in list(outcome.predicted.items())[:3])
@@ -231,10 +197,6 @@ def _report(summary: TransferSummary) -> str:
 
 def _accuracy(accuracy: TransferAccuracy) -> str:
     return (
-        f"shared-class accuracy {_percent(accuracy.accuracy).strip()} "
+        f"shared-class accuracy {percent(accuracy.accuracy).strip()} "
         f"({accuracy.correct}/{accuracy.images} images)"
     )
-
-
-def _percent(value: float | None) -> str:
-    return "   n/a" if value is None else f"{100 * value:5.1f}%"

@@ -138,7 +138,7 @@ def retrain_checkpoint(
     model, ckpt = load_model(src_path, device=_device(config))
     if not ckpt.damage_masks:
         raise CheckpointError(
-            f"{Path(src_path).name} has no damage masks: damage it first", field="model"
+            f"{Path(src_path).name} has no damage masks: damage it first", field="src_path"
         )
     data = _splits(dataset_root, ckpt.meta, config)
 
