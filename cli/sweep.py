@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
+from cli.params import CHECKPOINT, FOLDER, validated
 from core.cam_options import CamMethodName, CamOptions
 from core.damage_spec import BitFlip, DamageSpec, FaultSpec, Gaussian, StuckAt
 from core.exceptions import InputError
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["sweep"]
 
-CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)
-FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 #: SweepConfig field → the option that sets it, for error messages.
 _OPTIONS = {
@@ -244,7 +242,7 @@ def _config(
         retrain_levels = parse_fractions(",".join(retrain_at)) if retrain_at else []
     except InputError as exc:
         raise click.BadParameter(str(exc), param_hint="--fractions/--retrain-at") from None
-    retrain = _validated(
+    retrain = validated(
         TrainConfig,
         {"epochs": "--retrain-epochs", "lr": "--retrain-lr", "batch_size": "--retrain-batch-size"},
         epochs=retrain_epochs,
@@ -254,7 +252,7 @@ def _config(
         # TrainConfig names devices by kind; retraining runs where the sweep runs.
         device="cuda" if device.startswith("cuda") else "cpu",
     )
-    return _validated(
+    return validated(
         SweepConfig,
         _OPTIONS,
         locations=_split_commas(locations) or None,
@@ -269,27 +267,11 @@ def _config(
 
 def _fault(kind: str, value: float, bits: tuple[int, ...], sigma: float) -> FaultSpec:
     makers: dict[str, Callable[[], FaultSpec]] = {
-        "stuck_at": lambda: _validated(StuckAt, {"value": "--value"}, value=value),
-        "bit_flip": lambda: _validated(BitFlip, {"bits": "--bit"}, bits=list(bits) or None),
-        "gaussian": lambda: _validated(Gaussian, {"sigma": "--sigma"}, sigma=sigma),
+        "stuck_at": lambda: validated(StuckAt, {"value": "--value"}, value=value),
+        "bit_flip": lambda: validated(BitFlip, {"bits": "--bit"}, bits=list(bits) or None),
+        "gaussian": lambda: validated(Gaussian, {"sigma": "--sigma"}, sigma=sigma),
     }
     return makers[kind]()
-
-
-M = typing.TypeVar("M", bound=BaseModel)
-
-
-def _validated(model: type[M], options: dict[str, str], **values: Any) -> M:
-    """``model(**values)`` with validation errors named after the command-line options."""
-    try:
-        return model(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            option = options.get(field, "--" + field.replace("_", "-"))
-            problems.append(f"{option}: {error['msg']}")
-        raise click.UsageError("; ".join(problems)) from None
 
 
 def _split_commas(values: tuple[str, ...]) -> list[str]:
