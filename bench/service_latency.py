@@ -8,12 +8,18 @@ data folder, uploads one checkpoint, and measures:
 * latency: submit one image → poll every ``--poll-interval`` (10 ms) until ``succeeded``,
   ``--runs`` times after warm-up; median and p90, with the server-side split (queued → started
   → finished) read from the job record;
-* throughput: ``--clients`` threads (16), each its own client, over ``--jobs`` jobs in all.
+* throughput: ``--clients`` threads (16), each its own client, over ``--jobs`` jobs in all;
+* idle cost: CPU used by the deployment's processes (the worker's alone too) over
+  ``--idle-seconds`` with no job, e.g. the embedded broker's polling
+  (``CAMRES_BROKER_POLLING_INTERVAL``).
 
 The baseline is ``core.explain.explain`` on the same decoded image and model, in this process
 (also reported with ``write_artifacts``, which the worker does too). Target: the service adds
 at most 100 ms at the median. Model: resnet18, random initialization (latency does not depend
 on the weight values), five UC Merced classes, 224 px input; image: a real UC Merced tile.
+
+The machine may be shared: the load average is recorded before and after each mode, and the
+compute-bound terms (``core``, ``server_running``) should be read against it.
 
 Loopback only; every run and the whole script are bounded in time; the subprocesses are
 stopped (their process group, SIGTERM then SIGKILL) however the script ends.
@@ -69,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"core explain: median {core['explain']['median_ms']:.1f} ms", flush=True)
         modes = {}
         for mode in args.modes:
-            with _service(mode, tmp / mode, args.threads) as base_url:
+            loadavg_before = list(os.getloadavg())
+            with _service(mode, tmp / mode, args.threads) as (base_url, processes):
                 modes[mode] = _bench_service(base_url, model_path, args, deadline)
+                modes[mode]["idle_cpu"] = _idle_cpu(processes, args.idle_seconds)
+            modes[mode]["loadavg"] = {"before": loadavg_before, "after": list(os.getloadavg())}
             modes[mode]["overhead"] = _overhead(modes[mode], core)
             print(f"{mode}: {json.dumps(modes[mode]['overhead'])}", flush=True)
     report = {
@@ -99,6 +108,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads, every process.")
     parser.add_argument("--modes", nargs="+", default=["embedded", "redis"])
+    parser.add_argument(
+        "--idle-seconds", type=float, default=10.0, help="Idle CPU measurement window, s."
+    )
     parser.add_argument("--max-seconds", type=float, default=900.0, help="Whole-run bound.")
     parser.add_argument(
         "--out", type=Path, default=REPO_ROOT / "bench" / "results" / "service_latency.json"
@@ -277,8 +289,11 @@ def _throughput(
 
 
 @contextmanager
-def _service(mode: str, data_dir: Path, threads: int) -> Iterator[str]:
-    """Start a deployment on loopback; yield its base URL once a worker is ready."""
+def _service(
+    mode: str, data_dir: Path, threads: int
+) -> Iterator[tuple[str, dict[str, subprocess.Popen[bytes]]]]:
+    """Start a deployment on loopback; yield its base URL once a worker is ready, and its
+    processes by role ("serve" runs the gateway and, as its child, the worker)."""
     data_dir.mkdir(parents=True)
     port = _free_port()
     # The broker and store are the mode's own, whatever this shell exports.
@@ -295,7 +310,8 @@ def _service(mode: str, data_dir: Path, threads: int) -> Iterator[str]:
     camres = str(Path(sys.executable).with_name("camres"))
     with ExitStack() as stack:
         if mode == "embedded":
-            stack.enter_context(_process([camres, "serve"], env, data_dir / "serve.log"))
+            serve = [camres, "serve"]
+            processes = {"serve": stack.enter_context(_process(serve, env, data_dir / "serve.log"))}
         elif mode == "redis":
             redis_port = _free_port()
             redis = [
@@ -311,7 +327,7 @@ def _service(mode: str, data_dir: Path, threads: int) -> Iterator[str]:
                 "--dir",
                 str(data_dir),
             ]
-            stack.enter_context(_process(redis, env, data_dir / "redis.log"))
+            processes = {"redis": stack.enter_context(_process(redis, env, data_dir / "redis.log"))}
             env["CAMRES_BROKER_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             gateway = [
                 sys.executable,
@@ -326,13 +342,17 @@ def _service(mode: str, data_dir: Path, threads: int) -> Iterator[str]:
                 "--log-level",
                 "warning",
             ]
-            stack.enter_context(_process(gateway, env, data_dir / "gateway.log"))
-            stack.enter_context(_process([camres, "worker"], env, data_dir / "worker.log"))
+            processes["gateway"] = stack.enter_context(
+                _process(gateway, env, data_dir / "gateway.log")
+            )
+            processes["worker"] = stack.enter_context(
+                _process([camres, "worker"], env, data_dir / "worker.log")
+            )
         else:
             raise SystemExit(f"unknown mode {mode!r}: embedded or redis")
         base_url = f"http://127.0.0.1:{port}"
         _wait_ready(base_url, data_dir)
-        yield base_url
+        yield base_url, processes
 
 
 @contextmanager
@@ -388,10 +408,74 @@ def _wait_ready(base_url: str, data_dir: Path, timeout: float = 180.0) -> None:
     raise SystemExit(f"service at {base_url} not ready after {timeout:.0f} s\n{logs}")
 
 
+def _idle_cpu(processes: dict[str, subprocess.Popen[bytes]], seconds: float) -> dict[str, Any]:
+    """CPU time used while no job runs, in percent of one core: by every process of the
+    deployment (children included), and by the Celery worker's process tree alone."""
+    time.sleep(2.0)  # the last job's acknowledgement and logs settle first
+    roots = [proc.pid for proc in processes.values()]
+    if "worker" in processes:
+        worker = processes["worker"].pid
+    else:  # camres serve: the worker is the gateway process's child
+        worker = next(iter(_children(processes["serve"].pid)), processes["serve"].pid)
+    trees = {
+        "deployment": lambda: [pid for root in roots for pid in _tree(root)],
+        "worker": lambda: _tree(worker),
+    }
+    before = {name: _cpu_seconds(tree()) for name, tree in trees.items()}
+    start = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    return {
+        "seconds": round(elapsed, 1),
+        "percent_of_one_core": {
+            name: round(100 * (_cpu_seconds(tree()) - before[name]) / elapsed, 2)
+            for name, tree in trees.items()
+        },
+    }
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with suppress(OSError):
+            found += [int(child) for child in task.read_text().split()]
+    return found
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far (processes that vanished count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _settings_used() -> dict[str, Any]:
+    """The latency-relevant settings the services ran with (defaults and overrides)."""
+    from service.settings import Settings
+
+    settings = Settings()
+    names = ("broker_polling_interval", "progress_interval", "cancel_poll_interval")
+    return {name: getattr(settings, name) for name in names}
 
 
 def _setup(args: argparse.Namespace) -> dict[str, Any]:
@@ -414,6 +498,7 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": args.threads,
         # Settings overrides the services ran with (e.g. CAMRES_BROKER_POLLING_INTERVAL).
         "service_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CAMRES_")},
+        "settings": _settings_used(),
         "loadavg_at_end": list(os.getloadavg()),
         "device": "cpu",
         "torch": torch.__version__,

@@ -1,8 +1,8 @@
 """``camres submit``: send a job to a running camres service, follow it, fetch its artifacts.
 
 The common case — CAM of a few images, optionally under damage and after masked retraining —
-has flags; any other job (train, damage, retrain, evaluate) is sent from a JSON spec with
-``--spec``. Torch-free: it only needs :mod:`service.client`.
+has flags; any other job (train, damage, retrain, evaluate, transfer, sweep) is sent from a
+JSON spec with ``--spec``. Torch-free: it only needs :mod:`service.client`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class SubmitError(click.ClickException):
     "--api-key",
     envvar="CAMRES_API_KEY",
     default=None,
-    help="Bearer token, when the service requires one (env CAMRES_API_KEY).",
+    help="API key, when the service requires one (sent as X-API-Key; env CAMRES_API_KEY).",
 )
 @click.option(
     "--model",
@@ -284,7 +284,9 @@ def _follow(client: CamresClient, job_id: str, timeout: float, interval: float, 
             progress = job.get("progress") or {}
             bar.n = round(100 * float(progress.get("fraction") or 0.0), 1)
             bar.set_description_str(str(progress.get("stage") or job.get("status", "")))
-            bar.set_postfix_str(str(progress.get("message") or ""), refresh=False)
+            # A second attempt means a worker died under the job: worth seeing while it runs.
+            retried = f"attempt {_attempts(job)} " if _attempts(job) > 1 else ""
+            bar.set_postfix_str(retried + str(progress.get("message") or ""), refresh=False)
             bar.refresh()
 
         try:
@@ -303,8 +305,18 @@ def _cancel_quietly(client: CamresClient, job_id: str) -> None:
         click.echo(f"could not cancel job {job_id}: {exc}", err=True)
 
 
+def _attempts(job: Job) -> int:
+    """Runs a worker started for ``job`` (more than 1: a worker died under it)."""
+    return int(job.get("attempts") or 0)
+
+
+def _attempts_note(job: Job) -> str:
+    count = _attempts(job)
+    return f"{count} attempt{'' if count == 1 else 's'}"
+
+
 def _summarize(job: Job, target: Path, count: int, seconds: float) -> None:
-    click.echo(f"job {job['id']} succeeded in {seconds:.1f} s")
+    click.echo(f"job {job['id']} succeeded in {seconds:.1f} s ({_attempts_note(job)})")
     result = job.get("result") or {}
     if job.get("kind") == "cam":
         for image in result.get("images", []):
@@ -315,9 +327,26 @@ def _summarize(job: Job, target: Path, count: int, seconds: float) -> None:
                         f"  {image.get('image')} [{condition}]: {top['label']} "
                         f"({top['probability']:.3f})"
                     )
+    elif job.get("kind") == "sweep":
+        click.echo(
+            f"  {result.get('cells')} damaged networks on {result.get('images')} images; intact "
+            f"accuracy {_percent(result.get('intact_accuracy'))}"
+        )
+    elif job.get("kind") == "transfer":
+        before = (result.get("report") or {}).get("before") or {}
+        click.echo(
+            f"  shared-class accuracy {_percent(before.get('accuracy'))} "
+            f"({before.get('correct')}/{before.get('images')} images)"
+        )
+        if result.get("model"):
+            click.echo(f"  fine-tuned model {result['model']}")
     elif result:
         click.echo(json.dumps(result, indent=2))
     click.echo(f"{count} artifact(s) and job.json in {target}")
+
+
+def _percent(value: object) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "n/a"
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -331,8 +360,11 @@ def _reported_errors() -> Iterator[None]:
     except ApiError as exc:
         raise SubmitError(f"the service answered {exc}") from exc
     except JobTimeoutError as exc:
-        raise SubmitError(f"{exc}; it keeps running on the service") from exc
-    except (JobError, ClientError) as exc:
+        note = _attempts_note(exc.job)
+        raise SubmitError(f"{exc}; it keeps running on the service ({note})") from exc
+    except JobError as exc:
+        raise SubmitError(f"{exc} ({_attempts_note(exc.job)})") from exc
+    except ClientError as exc:
         raise SubmitError(str(exc)) from exc
     except OSError as exc:
         raise SubmitError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc

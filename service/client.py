@@ -23,8 +23,11 @@ Errors, as one tree::
         ├── JobCancelledError
         └── JobTimeoutError    wait() ran out of time (also a TimeoutError)
 
-Only idempotent reads (GET) are retried — on connection errors and 503 responses, with
-exponential backoff — because repeating a POST could create a second job.
+Idempotent reads (GET) are retried on connection errors and 503 responses, with exponential
+backoff. A POST is never repeated after a connection error (it may have created a job), with one
+exception: a job submission answered ``429 Too Many Requests`` — the caller already has the
+maximum of queued and running jobs, and the job was *not* created — is sent again after the
+server's ``Retry-After``, a bounded number of times.
 """
 
 from __future__ import annotations
@@ -65,7 +68,10 @@ PathLike = str | os.PathLike[str]
 TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "cancelled"})
 
 DEFAULT_TIMEOUT: Final = httpx.Timeout(60.0, connect=5.0)
+#: The gateway's header for API keys (it also accepts ``Authorization: Bearer <key>``).
+API_KEY_HEADER: Final = "X-API-Key"
 _RETRY_STATUSES: Final = frozenset({503})
+_BUSY: Final = 429
 _MAX_RETRY_AFTER: Final = 30.0
 _CHUNK: Final = 1 << 16
 _PROBLEM_MEMBERS: Final = frozenset({"type", "title", "status", "detail", "instance", "errors"})
@@ -176,6 +182,11 @@ class JobError(ClientError):
     def job_id(self) -> str:
         return str(self.job.get("id", "?"))
 
+    @property
+    def attempts(self) -> int:
+        """Runs a worker started (0 while it never started; more than 1 after a lost worker)."""
+        return int(self.job.get("attempts") or 0)
+
 
 class JobFailedError(JobError):
     """The job failed; ``error_type`` and ``error_message`` come from its ``error`` field."""
@@ -209,9 +220,11 @@ class JobTimeoutError(JobError, TimeoutError):
 class CamresClient:
     """A client of one camres service.
 
-    ``api_key``, when given, is sent as ``Authorization: Bearer <key>``. ``retries`` bounds the
-    extra attempts of a GET after a connection error or a 503, waiting ``backoff``·2ⁿ seconds
-    (or the server's ``Retry-After``, capped at 30 s) between them.
+    ``api_key``, when given, is sent in the ``X-API-Key`` header. ``retries`` bounds the extra
+    attempts of a GET after a connection error or a 503, waiting ``backoff``·2ⁿ seconds (or the
+    server's ``Retry-After``, capped at 30 s) between them. ``busy_retries`` bounds the extra
+    attempts of a job submission refused with a 429, each after the server's ``Retry-After``
+    (same cap; ``backoff``·2ⁿ without the header).
 
     ``http_client`` lets a caller supply a configured :class:`httpx.Client` (a proxy, mTLS,
     event hooks); requests then go to *its* ``base_url``, and the caller owns and closes it.
@@ -224,19 +237,24 @@ class CamresClient:
         api_key: str | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         retries: int = 3,
+        busy_retries: int = 3,
         backoff: float = 0.25,
         http_client: httpx.Client | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        if busy_retries < 0:
+            raise ValueError("busy_retries must be >= 0")
         if backoff < 0:
             raise ValueError("backoff must be >= 0")
         self.retries = retries
+        self.busy_retries = busy_retries
         self.backoff = backoff
+        self._sleep: Callable[[float], None] = time.sleep
         # Sent with each request rather than set on the client: a caller's client stays as is.
         self._headers = {"Accept": "application/json, application/problem+json"}
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+            self._headers[API_KEY_HEADER] = api_key
         self._owns_http = http_client is None
         if http_client is None:
             http_client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
@@ -305,19 +323,31 @@ class CamresClient:
 
     def submit_job(self, spec: Mapping[str, Any], images: Sequence[PathLike] = ()) -> Job:
         """Submit a job: ``spec`` is a JobSpec (``{"kind": "cam", ...}``), ``images`` the files
-        a cam job explains. Returns the queued job record."""
+        a cam job explains. Returns the queued job record.
+
+        While the service answers 429 (this caller has too many unfinished jobs; nothing was
+        created), the submission is repeated after its ``Retry-After``, at most
+        ``busy_retries`` times; then the 429 is raised as an :class:`ApiError`.
+        """
         paths = [_existing_file(image, "images") for image in images]
-        with ExitStack() as stack:
-            # The spec travels as a filename-less part, i.e. a plain form field: the request
-            # is multipart/form-data even without images (httpx would otherwise urlencode).
-            files: list[tuple[str, tuple[str | None, Any, str]]] = [
-                ("spec", (None, json.dumps(dict(spec)), "application/json"))
-            ]
-            files += [
-                ("images", (p.name, stack.enter_context(p.open("rb")), _media_type(p)))
-                for p in paths
-            ]
-            return self._send("POST", "/v1/jobs", files=files)
+        document = json.dumps(dict(spec))
+        for attempt in range(self.busy_retries + 1):
+            # The files are opened anew for each attempt: a sent body has been read to its end.
+            with ExitStack() as stack:
+                # The spec travels as a filename-less part, i.e. a plain form field: the request
+                # is multipart/form-data even without images (httpx would otherwise urlencode).
+                files: list[tuple[str, tuple[str | None, Any, str]]] = [
+                    ("spec", (None, document, "application/json"))
+                ]
+                files += [
+                    ("images", (p.name, stack.enter_context(p.open("rb")), _media_type(p)))
+                    for p in paths
+                ]
+                response = self._request("POST", "/v1/jobs", files=files)
+            if response.status_code != _BUSY or attempt == self.busy_retries:
+                break
+            self._sleep(_retry_after(response) or self.backoff * 2**attempt)
+        return _json_or_raise(response)
 
     def get_job(self, job_id: str) -> Job:
         return self._get_json(f"/v1/jobs/{_segment(job_id)}")
@@ -349,7 +379,8 @@ class CamresClient:
     ) -> Job:
         """Poll a job until it ends; return it when it succeeded.
 
-        ``on_progress`` receives the job record whenever its status or progress changed.
+        ``on_progress`` receives the job record whenever its status, progress or ``attempts``
+        (runs started; more than one when a worker died under it) changed.
         Raises :class:`JobFailedError` / :class:`JobCancelledError` when it ended otherwise,
         and :class:`JobTimeoutError` after ``timeout`` seconds (``None``: wait forever).
         """
@@ -359,7 +390,7 @@ class CamresClient:
         last_seen: object = None
         while True:
             job = self.get_job(job_id)
-            seen = (job.get("status"), job.get("progress"))
+            seen = (job.get("status"), job.get("progress"), job.get("attempts"))
             if on_progress is not None and seen != last_seen:
                 on_progress(job)
             last_seen = seen
@@ -403,11 +434,14 @@ class CamresClient:
 
     def _send(self, method: str, url: str, **kwargs: Any) -> Any:
         """One request, never retried (POST/DELETE); the JSON body, or None for 204."""
+        return _json_or_raise(self._request(method, url, **kwargs))
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request (read in full); a connection failure is :class:`ServiceUnreachableError`."""
         try:
-            response = self._http.request(method, url, headers=self._headers, **kwargs)
+            return self._http.request(method, url, headers=self._headers, **kwargs)
         except httpx.TransportError as exc:
             raise ServiceUnreachableError(_describe(exc, method, url)) from exc
-        return _json_or_raise(response)
 
     def _get_json(self, url: str, **kwargs: Any) -> Any:
         with self._get(url, **kwargs) as response:
@@ -439,12 +473,12 @@ class CamresClient:
             except httpx.TransportError as exc:
                 if last:
                     raise ServiceUnreachableError(_describe(exc, "GET", url)) from exc
-                time.sleep(self.backoff * 2**attempt)
+                self._sleep(self.backoff * 2**attempt)
                 continue
             if response.status_code in _RETRY_STATUSES and not last:
                 delay = _retry_after(response) or self.backoff * 2**attempt
                 response.close()
-                time.sleep(delay)
+                self._sleep(delay)
                 continue
             try:
                 yield response

@@ -10,12 +10,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from core.cam_options import CamOptions
 from core.damage_spec import DamageSpec
 from core.results import ImageCam
+from core.sweep_spec import SummaryRow, SweepConfig
 from core.train_spec import Evaluation, TrainConfig
+from core.transfer_spec import TransferSummary
 from service.catalog import DatasetInfo, ModelInfo
 from service.settings import OWNER_NAME
 from service.store import JobError, JobProgress, JobRecord, JobStatus, utc
@@ -122,7 +124,117 @@ class EvaluateJobSpec(BaseModel):
         return self
 
 
-AnyJobSpec = CamJobSpec | DamageJobSpec | RetrainJobSpec | TrainJobSpec | EvaluateJobSpec
+class UnseenClasses(BaseModel):
+    """Classes only one of the two datasets has (the paper's "previously unseen" classes)."""
+
+    model_config = _STRICT
+
+    ucm: list[str] = Field(default_factory=list)
+    aid: list[str] = Field(default_factory=list)
+
+
+class ClassMappingSpec(BaseModel):
+    """The UC Merced ↔ AID class correspondence, in the format of ``ucm_aid_classes.json``.
+
+    It offers the attributes of :class:`core.datasets.ClassMapping` that
+    :func:`core.transfer_spec.plan_transfer` reads, so the gateway plans a transfer without
+    importing that (torch-bound) module.
+    """
+
+    model_config = _STRICT
+
+    ucm_to_aid: dict[str, str] = Field(
+        min_length=1, description="Shared classes: UC Merced name → AID name."
+    )
+    unseen: UnseenClasses = Field(default_factory=UnseenClasses)
+
+    @field_validator("ucm_to_aid")
+    @classmethod
+    def _one_to_one(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(set(value.values())) != len(value):
+            raise ValueError("two UC Merced classes map to the same AID class")
+        return value
+
+    @property
+    def aid_to_ucm(self) -> dict[str, str]:
+        return {aid: ucm for ucm, aid in self.ucm_to_aid.items()}
+
+    @property
+    def unseen_ucm(self) -> tuple[str, ...]:
+        return tuple(self.unseen.ucm)
+
+    @property
+    def unseen_aid(self) -> tuple[str, ...]:
+        return tuple(self.unseen.aid)
+
+
+class TransferJobSpec(BaseModel):
+    """Cross-dataset transfer (paper §4.1, Figures 3–4): test a model trained on UC Merced on
+    an AID dataset (or the other way round) through the class mapping, CAMs of sample images
+    of shared and unseen classes, and optionally fine-tuning on the target dataset (the
+    fine-tuned network becomes a new model)."""
+
+    model_config = _STRICT
+
+    kind: Literal["transfer"]
+    model: str
+    dataset: str = Field(description="The target dataset: images of the other dataset.")
+    mapping: ClassMappingSpec
+    fine_tune: TrainConfig | None = Field(
+        default=None,
+        description="Fine-tune on the target dataset (init must stay scratch: training starts "
+        "from the model; test_fraction > 0: before and after are compared on held-out images).",
+    )
+    samples_per_class: int = Field(
+        default=1, ge=1, le=100, description="Sample images with CAMs per shared/unseen class."
+    )
+    cam: CamOptions = Field(
+        default_factory=CamOptions,
+        description="Each network explains its own top classes: classes must stay unset.",
+    )
+
+
+class SweepJobSpec(BaseModel):
+    """Damage sweep (paper §4.2): accuracy and CAM drift of the model damaged at each location
+    and fraction, over several trials, optionally after masked retraining. Rows appear in the
+    ``sweep_cells.jsonl`` artifact as cells finish."""
+
+    model_config = _STRICT
+
+    kind: Literal["sweep"]
+    model: str
+    dataset: str = Field(description="Evaluation images (and retraining images, if any).")
+    config: SweepConfig = Field(default_factory=SweepConfig)
+    mapping: dict[str, str] | None = Field(
+        default=None,
+        description="Dataset class name → model class name, for a dataset that names classes "
+        "differently; default: match names (other classes are skipped).",
+    )
+    split: Literal["all", "test"] = Field(
+        default="all",
+        description="test: only the images the model's training held out of this dataset.",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="At most N images, balanced over classes."
+    )
+
+    @field_validator("mapping")
+    @classmethod
+    def _non_empty_mapping(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty (omit it to match class names)")
+        return value
+
+
+AnyJobSpec = (
+    CamJobSpec
+    | DamageJobSpec
+    | RetrainJobSpec
+    | TrainJobSpec
+    | EvaluateJobSpec
+    | TransferJobSpec
+    | SweepJobSpec
+)
 
 
 class JobSpec(RootModel[Annotated[AnyJobSpec, Field(discriminator="kind")]]):
@@ -182,7 +294,46 @@ class ModelJobResult(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-JobResult = CamResult | ModelJobResult | Evaluation | dict[str, Any]
+class TransferJobResult(BaseModel):
+    """Result of a transfer job: the experiment's report (artifact names resolve under the
+    job's artifacts route; ``target_root`` is the dataset id, sample paths are relative to
+    it) and, after fine-tuning, the fine-tuned model."""
+
+    model: str | None = Field(
+        default=None, description="Id of the fine-tuned model (GET /v1/models/{id})."
+    )
+    report: TransferSummary
+
+
+class SweepJobResult(BaseModel):
+    """Result of a sweep job: its headline numbers and the summary table (mean and confidence
+    interval over trials per location and fraction). Every cell's row is in the artifacts
+    (``sweep.json``, ``sweep_cells.csv``, ``sweep_cells.jsonl``)."""
+
+    arch: str
+    classes: list[str]
+    images: int
+    intact_accuracy: float
+    cells: int = Field(description="Damaged networks evaluated.")
+    seconds: float
+    summary: list[SummaryRow]
+    artifacts: dict[str, str] = Field(description="Artifact kind → file name.")
+
+
+#: What ``Job.result`` may hold, by kind. Results carry no tag and several models accept one
+#: another's documents (a TransferJobResult is also a valid ModelJobResult), so the stored
+#: document is served as is (the plain object comes first, left to right) and the models
+#: document its shape per kind.
+JobResult = Annotated[
+    dict[str, Any]
+    | CamResult
+    | ModelJobResult
+    | Evaluation
+    | TransferJobResult
+    | SweepJobResult
+    | None,
+    Field(union_mode="left_to_right"),
+]
 
 
 class JobLinks(BaseModel):
@@ -192,7 +343,8 @@ class JobLinks(BaseModel):
 
 class Job(BaseModel):
     """A job and its state. ``result`` (once succeeded) depends on the kind: CamResult for
-    cam, ModelJobResult for damage/retrain/train, Evaluation for evaluate."""
+    cam, ModelJobResult for damage/retrain/train, Evaluation for evaluate, TransferJobResult
+    for transfer, SweepJobResult for sweep."""
 
     id: str
     kind: str
@@ -202,7 +354,7 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     spec: dict[str, Any]
-    result: JobResult | None = None
+    result: JobResult = None
     error: JobError | None = None
     attempts: int = Field(
         default=0, description="Times a worker started it (more than 1: its worker died)."

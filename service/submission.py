@@ -13,15 +13,16 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import UploadFile
 from pydantic import BaseModel
 
 from core.damage_spec import DamageSpec
-from core.exceptions import CheckpointError, ImageError
+from core.exceptions import CheckpointError, DatasetError, ImageError
 from core.images import decode_image
-from core.train_spec import CheckpointInit, TrainConfig
+from core.train_spec import CheckpointInit, ScratchInit, TrainConfig
+from core.transfer_spec import plan_transfer
 from service.catalog import DatasetCatalog, DatasetInfo, ModelCatalog, ModelInfo
 from service.catalog.weights import SIGNATURES, damage_target_error
 from service.problems import ApiError, FieldError
@@ -29,11 +30,17 @@ from service.schemas import (
     AnyJobSpec,
     CamJobSpec,
     DamageJobSpec,
+    EvaluateJobSpec,
     RetrainJobSpec,
+    SweepJobSpec,
     TrainJobSpec,
+    TransferJobSpec,
 )
 from service.settings import Settings
 from service.uploads import client_name, safe_filename
+
+if TYPE_CHECKING:
+    from core.datasets import ClassMapping
 
 #: Name of the per-job file listing uploaded images (read by the worker).
 MANIFEST = "manifest.json"
@@ -96,9 +103,15 @@ class _Checker:
             self.fail(field, f"no dataset with id {dataset_id!r}")
         return info
 
-    def damage(self, field: str, model: ModelInfo | None, spec: DamageSpec | None) -> None:
+    def damage(
+        self,
+        field: str,
+        model: ModelInfo | None,
+        spec: DamageSpec | None,
+        suffix: str = ".targets",
+    ) -> None:
         """Damage targets must select weighted modules of a stored model (built-ins are
-        checked by the worker)."""
+        checked by the worker); a problem is reported on ``field + suffix``."""
         if model is None or spec is None or model.builtin:
             return
         try:
@@ -107,7 +120,7 @@ class _Checker:
             return
         problem = None if header is None else damage_target_error(spec, header)
         if problem is not None:
-            self.fail(f"{field}.targets", problem)
+            self.fail(field + suffix, problem)
 
     def arch(self, field: str, arch: str) -> None:
         if arch not in SIGNATURES:
@@ -117,6 +130,19 @@ class _Checker:
         unknown = [name for name in names if name not in known]
         if unknown:
             self.fail(field, f"unknown {what} {', '.join(map(repr, unknown))}")
+
+    def mapping(
+        self,
+        field: str,
+        mapping: dict[str, str] | None,
+        model: ModelInfo | None,
+        dataset: DatasetInfo | None,
+    ) -> None:
+        """A dataset class → model class mapping names classes the two have."""
+        if mapping is not None and dataset is not None:
+            self.subset(field, list(mapping), dataset.classes, "dataset class")
+        if mapping is not None and model is not None and model.classes is not None:
+            self.subset(field, list(mapping.values()), model.classes, "model class")
 
     def init(self, field: str, config: TrainConfig) -> None:
         if isinstance(config.init, CheckpointInit):
@@ -157,14 +183,14 @@ def check_references(
             check.fail("spec.arch", "required unless config.init is a checkpoint")
         if spec.arch is not None:
             check.arch("spec.arch", spec.arch)
-    else:
+    elif isinstance(spec, EvaluateJobSpec):
         model = check.model("spec.model", spec.model)
         dataset = check.dataset("spec.dataset", spec.dataset)
-        if spec.mapping is not None and dataset is not None:
-            check.subset("spec.mapping", list(spec.mapping), dataset.classes, "dataset class")
-        if spec.mapping is not None and model is not None and model.classes is not None:
-            targets = list(spec.mapping.values())
-            check.subset("spec.mapping", targets, model.classes, "model class")
+        check.mapping("spec.mapping", spec.mapping, model, dataset)
+    elif isinstance(spec, TransferJobSpec):
+        _check_transfer(check, spec)
+    else:
+        _check_sweep(check, spec)
     if check.errors:
         raise ApiError(
             422,
@@ -204,6 +230,55 @@ def _check_cam(check: _Checker, spec: CamJobSpec, settings: Settings, uploads: i
             check.fail(
                 "spec.retrain", "masked retraining restores a damaged network: give spec.damage"
             )
+
+
+def _check_transfer(check: _Checker, spec: TransferJobSpec) -> None:
+    """The model and target dataset must meet through the mapping (one is UC Merced, the other
+    AID), and fine-tuning must start from the model and keep test images."""
+    model = check.model("spec.model", spec.model)
+    dataset = check.dataset("spec.dataset", spec.dataset)
+    if model is not None and model.builtin:
+        check.fail("spec.model", "transfer needs a model trained on UC Merced or AID classes")
+    elif model is not None and model.classes is not None and dataset is not None:
+        try:
+            # The spec's mapping has the attributes plan_transfer reads (see ClassMappingSpec).
+            plan_transfer(model.classes, dataset.classes, cast("ClassMapping", spec.mapping))
+        except DatasetError as exc:
+            field = "spec.dataset" if exc.field == "target_root" else "spec.mapping"
+            check.fail(field, exc.message)
+    if spec.cam.classes is not None:
+        check.fail("spec.cam.classes", "each network explains its own top classes: leave unset")
+    if spec.fine_tune is not None:
+        if not isinstance(spec.fine_tune.init, ScratchInit):
+            check.fail("spec.fine_tune.init", "fine-tuning starts from the model: leave unset")
+        if spec.fine_tune.test_fraction == 0:
+            check.fail(
+                "spec.fine_tune.test_fraction",
+                "must be > 0: before and after are compared on held-out target images",
+            )
+
+
+def _check_sweep(check: _Checker, spec: SweepJobSpec) -> None:
+    """The dataset must hold images of the model's classes, and every location must select
+    weighted modules of a stored model."""
+    model = check.model("spec.model", spec.model)
+    dataset = check.dataset("spec.dataset", spec.dataset)
+    check.mapping("spec.mapping", spec.mapping, model, dataset)
+    if spec.mapping is not None and spec.split == "test":
+        check.fail("spec.split", "the test split is one of the model's own dataset: no mapping")
+    shared = (
+        None
+        if model is None or model.classes is None or dataset is None
+        else set(model.classes) & set(dataset.classes)
+    )
+    if spec.mapping is None and shared == set():
+        check.fail(
+            "spec.dataset",
+            "has no class of the model; name its classes' counterparts in spec.mapping",
+        )
+    for location in spec.config.locations:
+        target = DamageSpec(targets=[location], fraction=1.0, fault=spec.config.fault)
+        check.damage("spec.config.locations", model, target, suffix="")
 
 
 def store_images(uploads: Sequence[UploadFile], folder: Path, max_pixels: int) -> Manifest:

@@ -13,12 +13,18 @@ from PIL import Image
 
 from core.checkpoint import Checkpoint, load_model
 from core.checkpoint_meta import CheckpointMeta
-from core.datasets import ImageFolder
+from core.datasets import ClassMapping, ImageDataset, ImageFolder, stratified_split
+from core.evaluation import folder_samples
 from core.exceptions import CheckpointError, DatasetError, UnknownClassError
 from core.images import decode_image
 from core.models import IMAGENET_CLASSES, build_model, get_arch
 from core.preprocessing import Preprocessing
+from core.progress import Progress
+from core.sweep import EvalSet, RetrainData, balanced_subset
 from core.train_spec import CheckpointInit, TrainConfig
+from core.training_data import SplitSettings, training_split
+from core.transforms import eval_transform, train_transform
+from service.schemas import ClassMappingSpec, SweepJobSpec
 from service.submission import MANIFEST, Manifest
 from worker.runtime import JobContext, Loaded, current_device, model_cache
 
@@ -126,3 +132,38 @@ def dataset_images(
         label = f"{name}/{sample.path.name}"
         images.append((label, decode_image(sample.path, max_pixels=limit, name=label)))
     return images
+
+
+def class_mapping(spec: ClassMappingSpec) -> ClassMapping:
+    """The core's class mapping from the API's (``ucm_aid_classes.json``'s) form."""
+    return ClassMapping(dict(spec.ucm_to_aid), tuple(spec.unseen.ucm), tuple(spec.unseen.aid))
+
+
+def sweep_inputs(
+    ctx: JobContext, spec: SweepJobSpec, meta: CheckpointMeta
+) -> tuple[EvalSet, RetrainData | None]:
+    """The images a sweep evaluates (``spec.split`` of the dataset, labelled in the model's
+    classes, at most ``spec.limit`` balanced over classes) decoded once, and — with
+    ``config.retrain_at`` — the training images of masked retraining: the training split the
+    model's lineage records for the dataset, else one drawn from the sweep's seed (the same
+    choice as ``camres sweep``)."""
+    root = dataset_root(ctx, spec.dataset, "spec.dataset")
+    mapping = ClassMapping(dict(spec.mapping)) if spec.mapping is not None else None
+    samples = folder_samples(meta, root, mapping=mapping, split=spec.split)
+    if spec.limit is not None:
+        samples = balanced_subset(samples, spec.limit)
+    ctx.progress(Progress(0.0, "load", f"decoding {len(samples)} evaluation images"))
+    pre = meta.preprocessing
+    eval_set = EvalSet.from_dataset(
+        ImageDataset(samples, eval_transform(pre)), should_stop=ctx.should_stop
+    )
+    config = spec.config
+    if not config.retrain_at:
+        return eval_set, None
+    pool = (mapping or ClassMapping(ucm_to_aid={})).align(ImageFolder.from_path(root), meta.classes)
+    parts = training_split(meta) or SplitSettings(
+        config.seed, config.retrain.val_fraction, config.retrain.test_fraction
+    )
+    held = stratified_split(pool.samples, parts.val_fraction, parts.test_fraction, parts.seed)
+    val = ImageDataset(held.val, eval_transform(pre)) if held.val else None
+    return eval_set, RetrainData(ImageDataset(held.train, train_transform(pre)), val)

@@ -140,6 +140,8 @@ class JobContext:
     services: WorkerServices
     _last_progress: float = 0.0
     _last_stage: str | None = None
+    _last_seen: Progress | None = None
+    _written_fraction: float = 0.0
     _last_cancel_check: float = 0.0
     _cancelled: bool = False
     artifacts: Path = field(init=False)
@@ -169,6 +171,7 @@ class JobContext:
         (stage changes and completion are always written)."""
         now = time.monotonic()
         interval = self.services.settings.progress_interval
+        self._last_seen = progress
         if (
             progress.stage == self._last_stage
             and progress.fraction < 1.0
@@ -176,15 +179,18 @@ class JobContext:
         ):
             return
         self._last_progress, self._last_stage = now, progress.stage
-        self.services.store.set_progress(
-            self.job_id,
-            JobProgress(
-                fraction=min(max(progress.fraction, 0.0), 1.0),
-                stage=progress.stage,
-                message=progress.message,
-                metrics=_jsonable(progress.metrics),
-            ),
-        )
+        self._write(_job_progress(progress))
+
+    def complete_progress(self) -> None:
+        """After success, make the job's progress read 1: the last progress the core reported
+        (written or throttled away), at fraction 1; nothing to do when 1 was written already."""
+        if self._written_fraction < 1.0:
+            last = JobProgress() if self._last_seen is None else _job_progress(self._last_seen)
+            self._write(last.model_copy(update={"fraction": 1.0}))
+
+    def _write(self, progress: JobProgress) -> None:
+        self.services.store.set_progress(self.job_id, progress)
+        self._written_fraction = progress.fraction
 
     def should_stop(self) -> bool:
         """True once the job was cancelled (the store is asked at most every
@@ -196,6 +202,15 @@ class JobContext:
             self._last_cancel_check = now
             self._cancelled = self.services.store.cancel_requested(self.job_id)
         return self._cancelled
+
+
+def _job_progress(progress: Progress) -> JobProgress:
+    return JobProgress(
+        fraction=min(max(progress.fraction, 0.0), 1.0),
+        stage=progress.stage,
+        message=progress.message,
+        metrics=_jsonable(progress.metrics),
+    )
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -268,9 +283,8 @@ def run_job(job_id: str, worker: str, body: JobBody) -> dict[str, Any]:
             log.exception("job %s failed", job_id)
     finally:
         shutil.rmtree(ctx.inputs, ignore_errors=True)
-    last = svc.store.get(job_id)
-    if status == "succeeded" and last is not None and last.progress.fraction < 1.0:
-        svc.store.set_progress(job_id, last.progress.model_copy(update={"fraction": 1.0}))
+    if status == "succeeded":
+        ctx.complete_progress()
     svc.store.finish(job_id, status, result=result, error=error)  # type: ignore[arg-type]
     return {"job": job_id, "status": status}
 

@@ -14,12 +14,22 @@ from typing import Any
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
 
+from core.checkpoint import save_checkpoint
 from core.damage import damage_checkpoint
 from core.datasets import ClassMapping
 from core.evaluation import evaluate_folder
 from core.explain import write_artifacts
+from core.figures import plot_accuracy, plot_drift
+from core.progress import Progress
 from core.resilience import RetrainPlan, explain_conditions, retrain_checkpoint
+from core.results import ImageCam
+from core.sweep import run_sweep
+from core.sweep_report import JsonlWriter, write_report
+from core.sweep_spec import SweepRow
 from core.training import train_classifier
+from core.transfer import transfer
+from core.transfer_figure import CAMS_DIR, REPORT_FILE, write_transfer_report
+from core.transfer_spec import TransferSummary
 from service.queue import task_name
 from service.schemas import (
     CamConditions,
@@ -30,7 +40,11 @@ from service.schemas import (
     EvaluateJobSpec,
     ModelJobResult,
     RetrainJobSpec,
+    SweepJobResult,
+    SweepJobSpec,
     TrainJobSpec,
+    TransferJobResult,
+    TransferJobSpec,
 )
 from service.store import JobError
 from worker import loading
@@ -84,7 +98,8 @@ def run_cam(ctx: JobContext) -> dict[str, Any]:
         root = loading.dataset_root(ctx, spec.retrain.dataset, "spec.retrain.dataset")
         plan = RetrainPlan(dataset_root=root, config=spec.retrain.config)
     # The cached model is shared: explain_conditions restores it (damage) or works on a copy
-    # (retraining), so the next job finds it intact.
+    # (retraining), so the next job finds it intact. It was loaded onto this process's device:
+    # no device argument, which would walk every module to move it there again.
     model, checkpoint = loading.cached(ctx, spec.model)
     conditions = explain_conditions(
         model,
@@ -93,7 +108,6 @@ def run_cam(ctx: JobContext) -> dict[str, Any]:
         spec.cam,
         damage=spec.damage,
         retrain_plan=plan,
-        device=current_device(),
         progress=ctx.progress,
         should_stop=ctx.should_stop,
     )
@@ -221,3 +235,132 @@ def run_evaluate(ctx: JobContext) -> dict[str, Any]:
     result: dict[str, Any] = evaluation.model_dump(mode="json")
     write_json(ctx, "evaluation.json", result)
     return result
+
+
+# --- transfer ------------------------------------------------------------------------------------
+@celery_app.task(name=task_name("transfer"), base=JobTask, bind=True)
+def transfer_model(self: Task, job_id: str) -> dict[str, Any]:
+    """Cross-dataset transfer of a model, optionally fine-tuned (stored as a new model)."""
+    return _run(self, job_id, run_transfer)
+
+
+def run_transfer(ctx: JobContext) -> dict[str, Any]:
+    spec = TransferJobSpec.model_validate(ctx.spec)
+    root = loading.dataset_root(ctx, spec.dataset, "spec.dataset")
+    # transfer() leaves the cached model as it was: fine-tuning works on a copy.
+    model, checkpoint = loading.cached(ctx, spec.model)
+    result = transfer(
+        model,
+        checkpoint.meta,
+        root,
+        loading.class_mapping(spec.mapping),
+        fine_tune=spec.fine_tune,
+        samples_per_class=spec.samples_per_class,
+        cam_options=spec.cam,
+        parent_digest=checkpoint.digest,
+        device=current_device(),
+        progress=ctx.progress,
+        should_stop=ctx.should_stop,
+    )
+    report = write_transfer_report(result, ctx.artifacts)
+    report = _flat_transfer_report(ctx, report, root, spec.dataset)
+    tuned_id = None
+    if result.fine_tuned is not None:
+        produced = ctx.services.models.new_tmp_path()
+        save_checkpoint(produced, result.fine_tuned.model, result.fine_tuned.meta)
+        tuned_id = ctx.services.models.add(produced, ctx.owner)[0].id
+    return TransferJobResult(model=tuned_id, report=report).model_dump(mode="json")
+
+
+def _flat_transfer_report(
+    ctx: JobContext, report: TransferSummary, root: Path, dataset: str
+) -> TransferSummary:
+    """The report as the API serves it, rewritten to ``transfer.json``: the sample artifacts
+    moved out of their subfolder (artifact names are flat: ``cams/x`` becomes ``cams_x``), the
+    target named by its dataset id and the samples by their path in it, never by server paths."""
+    folder = ctx.artifacts / CAMS_DIR
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            path.replace(ctx.artifacts / f"{CAMS_DIR}_{path.name}")
+        folder.rmdir()
+    samples = [
+        sample.model_copy(
+            update={
+                "path": Path(sample.path).relative_to(root).as_posix(),
+                "before": _flat_names(sample.before),
+                "after": None if sample.after is None else _flat_names(sample.after),
+            }
+        )
+        for sample in report.samples
+    ]
+    report = report.model_copy(update={"target_root": dataset, "samples": samples})
+    write_json(ctx, REPORT_FILE, report.model_dump(mode="json"))
+    return report
+
+
+def _flat_names(result: ImageCam) -> ImageCam:
+    cams = [
+        cam.model_copy(
+            update={
+                "artifacts": {kind: name.replace("/", "_") for kind, name in cam.artifacts.items()}
+            }
+        )
+        for cam in result.cams
+    ]
+    return result.model_copy(update={"cams": cams})
+
+
+# --- sweep -------------------------------------------------------------------------------------
+#: The sweep's rows so far, one JSON document per line, readable while the job runs.
+CELLS_JSONL = "sweep_cells.jsonl"
+
+
+@celery_app.task(name=task_name("sweep"), base=JobTask, bind=True)
+def sweep(self: Task, job_id: str) -> dict[str, Any]:
+    """Damage sweep: accuracy and CAM drift per location, fraction and trial."""
+    return _run(self, job_id, run_sweep_job)
+
+
+def run_sweep_job(ctx: JobContext) -> dict[str, Any]:
+    spec = SweepJobSpec.model_validate(ctx.spec)
+    # run_sweep damages the cached model in place cell by cell and restores it bit for bit
+    # (also on errors and cancellation); retraining works on copies.
+    model, checkpoint = loading.cached(ctx, spec.model)
+    eval_set, retrain_data = loading.sweep_inputs(ctx, spec, checkpoint.meta)
+    partial = JsonlWriter(ctx.artifacts / CELLS_JSONL)
+    rows = 0
+
+    def on_cell(row: SweepRow) -> None:
+        nonlocal rows
+        partial(row)
+        rows += 1
+
+    def progress(p: Progress) -> None:
+        # "rows" tells a client how many lines of the partial artifact are complete.
+        ctx.progress(Progress(p.fraction, p.stage, p.message, {**p.metrics, "rows": rows}))
+
+    result = run_sweep(
+        model,
+        checkpoint.meta.arch,
+        eval_set,
+        spec.config,
+        retrain_data=retrain_data,
+        progress=progress,
+        should_stop=ctx.should_stop,
+        on_cell=on_cell,
+    )
+    report = result.report(checkpoint.meta.classes, model=spec.model, dataset=spec.dataset)
+    written = write_report(report, ctx.artifacts)
+    written["accuracy_png"] = plot_accuracy(report, ctx.artifacts / "accuracy.png")
+    written["drift_png"] = plot_drift(report, ctx.artifacts / "drift.png")
+    written["cells_jsonl"] = partial.path
+    return SweepJobResult(
+        arch=report.arch,
+        classes=report.classes,
+        images=report.images,
+        intact_accuracy=report.intact_accuracy,
+        cells=len(report.rows),
+        seconds=report.seconds,
+        summary=report.summary,
+        artifacts={kind: path.name for kind, path in written.items()},
+    ).model_dump(mode="json")

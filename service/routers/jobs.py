@@ -51,12 +51,13 @@ _MEDIA_TYPES = {
     ".npy": "application/octet-stream",
     ".safetensors": "application/octet-stream",
     ".csv": "text/csv",
+    ".jsonl": "application/x-ndjson",
     ".txt": "text/plain",
 }
 
 SPEC_HELP = (
     'The job specification as a JSON document (schema JobSpec), discriminated by "kind": '
-    "cam, damage, retrain, train or evaluate."
+    "cam, damage, retrain, train, evaluate, transfer or sweep."
 )
 
 
@@ -177,7 +178,8 @@ def _artifact_dir(settings: SettingsDep, job_id: str) -> Path:
 def list_artifacts(
     job_id: str, store: StoreDep, settings: SettingsDep, principal: PrincipalDep
 ) -> ArtifactList:
-    """Files the job wrote so far (overlays, raw maps, JSON results, checkpoints)."""
+    """Files the job wrote so far (overlays, raw maps, JSON results, checkpoints); a running
+    sweep's ``sweep_cells.jsonl`` holds the rows of the cells finished so far."""
     _get_record(store, job_id, principal)
     folder = _artifact_dir(settings, job_id)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []

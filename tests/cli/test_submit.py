@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,8 @@ from click.testing import CliRunner, Result
 
 from cli.main import cli
 from service.client import CamresClient
+from service.settings import Settings
+from service.store import FinishStatus, JobError, JobStore, open_store
 from tests.service import support
 from tests.service.support import camres_command, free_port, stop_process, subprocess_env, wait_for
 from tests.service.test_client import serve_app
@@ -30,10 +34,23 @@ def submit(*args: str | Path) -> Result:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway")
+
+
+@pytest.fixture(scope="module")
+def gateway(gateway_dir: Path) -> Iterator[str]:
     """A gateway without a worker: jobs are admitted and stay queued."""
-    with serve_app(tmp_path_factory.mktemp("gateway")) as url:
+    with serve_app(gateway_dir) as url:
         yield url
+
+
+@pytest.fixture
+def store(gateway: str, gateway_dir: Path) -> Iterator[JobStore]:
+    """The gateway's job store, for playing the worker's part."""
+    opened = open_store(Settings(data_dir=gateway_dir))
+    yield opened
+    opened.close()
 
 
 @pytest.fixture
@@ -147,8 +164,84 @@ def test_waiting_past_the_timeout_exits_1_and_says_the_job_goes_on(
         "--timeout", "0.3", "--poll-interval", "0.05", "--out", out, "-q",
     )  # fmt: skip
     assert result.exit_code == 1
-    assert "still queued after 0.3 s; it keeps running on the service" in result.output
+    assert "still queued after 0.3 s; it keeps running on the service (0 attempts)" in result.output
     assert not out.exists()
+
+
+def play_worker(
+    store: JobStore, runs: int, outcome: FinishStatus, result: dict[str, Any] | None = None
+) -> threading.Thread:
+    """A thread acting as workers on the next job the CLI submits: it starts it ``runs``
+    times (each worker but the last dies under it), then ends it with ``outcome`` (and
+    ``result``)."""
+    known = {record.id for record in store.list_jobs(limit=500).items}
+
+    def act() -> None:
+        wait_for(
+            lambda: any(r.id not in known for r in store.list_jobs(limit=500).items),
+            30,
+            "the CLI's job",
+        )
+        [job_id] = [r.id for r in store.list_jobs(limit=500).items if r.id not in known]
+        for run in range(runs):
+            store.start(job_id, f"worker-{run}")
+        if outcome == "succeeded":
+            store.finish(job_id, outcome, result={} if result is None else result)
+        else:
+            store.finish(job_id, outcome, error=JobError(type="RuntimeError", message="boom"))
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    ("runs", "outcome", "expected", "exit_code"),
+    [
+        (2, "failed", "failed: RuntimeError: boom (2 attempts)", 1),
+        (1, "succeeded", "succeeded in", 0),
+    ],
+)
+def test_the_jobs_attempts_are_shown_with_its_final_status(
+    gateway: str,
+    store: JobStore,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    runs: int,
+    outcome: FinishStatus,
+    expected: str,
+    exit_code: int,
+) -> None:
+    spec = tmp_path / "damage.json"
+    spec.write_text(json.dumps({"kind": "damage", "damage": {"fraction": 0.25}}))
+    worker = play_worker(store, runs, outcome)
+    result = submit(
+        "--url", gateway, "--spec", spec, "--model", tiny_checkpoint,
+        "--poll-interval", "0.02", "--timeout", "30", "--out", tmp_path / "out", "-q",
+    )  # fmt: skip
+    worker.join(timeout=30)
+    assert result.exit_code == exit_code, result.output
+    assert expected in result.output
+    assert f"({runs} attempt{'s' if runs > 1 else ''})" in result.output
+
+
+def test_a_sweep_result_is_summarized(
+    gateway: str, store: JobStore, tiny_checkpoint: Path, tmp_path: Path, dataset_dir: Path
+) -> None:
+    with CamresClient(gateway) as api:
+        dataset = api.upload_dataset(dataset_dir)["id"]
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps({"kind": "sweep", "dataset": dataset}))
+    result = {"cells": 228, "images": 2100, "intact_accuracy": 0.875, "summary": []}
+    worker = play_worker(store, 1, "succeeded", result)
+    done = submit(
+        "--url", gateway, "--spec", spec, "--model", tiny_checkpoint,
+        "--poll-interval", "0.02", "--out", tmp_path / "out", "-q",
+    )  # fmt: skip
+    worker.join(timeout=30)
+    assert done.exit_code == 0, done.output
+    assert "228 damaged networks on 2100 images; intact accuracy 87.5%" in done.output
+    assert "summary" not in done.output  # the table is in job.json, not on the terminal
 
 
 # -- end to end: `camres serve` with its worker --------------------------------------------------

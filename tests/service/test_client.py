@@ -24,22 +24,28 @@ from service.client import (
     CamresClient,
     ClientError,
     JobCancelledError,
+    JobFailedError,
     JobTimeoutError,
     ServiceUnreachableError,
     _safe_filename,
 )
+from service.settings import Settings
+from service.store import JobStore, open_store
 from tests.service.support import TINY_CLASSES, TINY_INPUT_SIZE, free_port
+
+ALICE = "alice-key-0123456789abcdef"
 
 
 @contextmanager
-def serve_app(data_dir: Path) -> Iterator[str]:
-    """The gateway for ``data_dir`` under uvicorn in a thread; yields its base URL."""
+def serve_app(data_dir: Path, **settings: Any) -> Iterator[str]:
+    """The gateway for ``data_dir`` (and other ``settings``) under uvicorn in a thread; yields
+    its base URL."""
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(data_dir=data_dir))
+    app = create_app(Settings(data_dir=data_dir, **settings))
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -248,16 +254,137 @@ def counting_client(base_url: str, counter: list[str], **kwargs: Any) -> CamresC
     return CamresClient(base_url, http_client=http, **kwargs)
 
 
-def test_api_key_is_sent_as_a_bearer_token_without_touching_the_callers_client(
+def test_api_key_is_sent_in_the_x_api_key_header_without_touching_the_callers_client(
     base_url: str,
 ) -> None:
     sent: list[httpx.Request] = []
     with httpx.Client(base_url=base_url, event_hooks={"request": [sent.append]}) as http:
         with CamresClient(base_url, api_key="s3cret", http_client=http) as api:
             api.health()
-        assert sent[0].headers["Authorization"] == "Bearer s3cret"
-        assert "Authorization" not in http.headers
+        assert sent[0].headers["X-API-Key"] == "s3cret"
+        assert "Authorization" not in sent[0].headers
+        assert "X-API-Key" not in http.headers
         assert not http.is_closed  # the caller's client is the caller's to close
+
+
+# -- against a gateway with access control and a one-job limit ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, JobStore]]:
+    """A gateway that needs API keys and admits one unfinished job per owner (429 beyond,
+    Retry-After: 1), and its job store."""
+    data_dir = tmp_path_factory.mktemp("secured")
+    limits = {"api_keys": {ALICE: "alice"}, "max_active_jobs": 1, "busy_retry_after": 1}
+    store = open_store(Settings(data_dir=data_dir))
+    with serve_app(data_dir, **limits) as url:
+        yield url, store
+    store.close()
+
+
+@pytest.fixture
+def limited(secured: tuple[str, JobStore]) -> Iterator[tuple[str, JobStore]]:
+    """The secured gateway, its one job slot freed after each test (whatever it left)."""
+    yield secured
+    store = secured[1]
+    for status in ("queued", "running"):
+        for record in store.list_jobs(status=status, limit=500).items:
+            store.finish(record.id, "cancelled")
+
+
+def test_the_key_opens_a_secured_service_and_no_key_is_a_401(
+    limited: tuple[str, JobStore], tiny_checkpoint: Path
+) -> None:
+    url, _ = limited
+    with CamresClient(url, api_key=ALICE) as alice:
+        model = alice.upload_model(tiny_checkpoint)
+        assert model["id"] in [m["id"] for m in alice.list_models()]
+    for key in (None, "not-a-key-0123456789abcdef"):
+        with CamresClient(url, api_key=key) as stranger, pytest.raises(ApiError) as caught:
+            stranger.get_model(model["id"])
+        assert caught.value.status == 401
+
+
+def test_a_submission_refused_with_429_is_sent_again_after_retry_after(
+    limited: tuple[str, JobStore], tiny_checkpoint: Path
+) -> None:
+    url, store = limited
+    attempts: list[str] = []
+    with counting_client(url, attempts, api_key=ALICE, busy_retries=3) as api:
+        spec = {"kind": "damage", "model": api.upload_model(tiny_checkpoint)["id"]}
+        spec["damage"] = {"fraction": 0.1}
+        first = api.submit_job(spec)
+        waits: list[float] = []
+
+        def first_one_finishes(seconds: float) -> None:
+            # While the client waits, the job that holds the only slot ends.
+            waits.append(seconds)
+            store.finish(first["id"], "succeeded", result={})
+
+        api._sleep = first_one_finishes
+        attempts.clear()
+        second = api.submit_job(spec)
+    assert second["status"] == "queued"
+    assert attempts == ["POST", "POST"]
+    assert waits == [1.0]  # the gateway's Retry-After
+    assert store.get(second["id"]) is not None
+
+
+def test_a_submission_refused_with_429_is_retried_a_bounded_number_of_times(
+    limited: tuple[str, JobStore], tiny_checkpoint: Path, ucm_image: Path
+) -> None:
+    url, store = limited
+    attempts: list[str] = []
+    with counting_client(url, attempts, api_key=ALICE, busy_retries=2) as api:
+        model = api.upload_model(tiny_checkpoint)["id"]
+        holder = api.submit_job(cam_spec(model), [ucm_image])
+        waits: list[float] = []
+        api._sleep = waits.append
+        attempts.clear()
+        with pytest.raises(ApiError) as caught:
+            api.submit_job(cam_spec(model), [ucm_image])  # files are re-sent on each attempt
+    assert caught.value.status == 429
+    assert caught.value.type == "urn:camres:problem:too-many-jobs"
+    assert attempts == ["POST"] * 3
+    assert waits == [1.0, 1.0]
+    [job] = [j for j in store.list_jobs(limit=500).items if j.status == "queued"]
+    assert job.id == holder["id"]  # no refused attempt created a job
+
+
+def test_other_errors_of_a_submission_are_not_retried(
+    limited: tuple[str, JobStore], ucm_image: Path
+) -> None:
+    url, _ = limited
+    attempts: list[str] = []
+    api = counting_client(url, attempts, api_key=ALICE, busy_retries=3)
+    with api, pytest.raises(ApiError) as caught:
+        api.submit_job(cam_spec("sha256:unknown"), [ucm_image])
+    assert caught.value.status == 422
+    assert attempts == ["POST"]
+
+
+def test_wait_reports_a_new_attempt_of_the_same_job(
+    limited: tuple[str, JobStore], tiny_checkpoint: Path
+) -> None:
+    url, store = limited
+    with CamresClient(url, api_key=ALICE) as api:
+        model = api.upload_model(tiny_checkpoint)["id"]
+        job = api.submit_job({"kind": "damage", "model": model, "damage": {"fraction": 0.1}})
+        store.start(job["id"], "w1")
+        seen: list[tuple[str, int]] = []
+
+        def died_and_restarted(record: dict[str, Any]) -> None:
+            seen.append((record["status"], record["attempts"]))
+            if len(seen) == 1:  # its worker died; the task was delivered again
+                store.start(job["id"], "w2")
+            else:
+                store.finish(job["id"], "failed", error=None)
+
+        with pytest.raises(JobFailedError) as caught:
+            api.wait(job["id"], poll_interval=0.01, timeout=10, on_progress=died_and_restarted)
+    # Same status and progress, one more attempt: still a change worth reporting.
+    assert seen[:2] == [("running", 1), ("running", 2)]
+    assert caught.value.attempts == 2
 
 
 def test_get_is_retried_on_503_then_raises_the_problem(base_url: str) -> None:
@@ -303,5 +430,7 @@ def test_artifact_names_that_escape_the_folder_are_refused(name: str) -> None:
 def test_client_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="retries"):
         CamresClient("http://127.0.0.1:1", retries=-1)
+    with pytest.raises(ValueError, match="busy_retries"):
+        CamresClient("http://127.0.0.1:1", busy_retries=-1)
     with CamresClient("http://127.0.0.1:1") as api, pytest.raises(ValueError, match="poll"):
         api.wait("x", poll_interval=0)

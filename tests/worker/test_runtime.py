@@ -132,6 +132,23 @@ def test_progress_is_throttled_but_stage_changes_and_completion_are_written(
     assert record.progress.fraction == 1.0
 
 
+def test_a_success_completes_the_last_reported_progress_even_if_throttled(
+    svc: runtime.WorkerServices,
+) -> None:
+    job_id = queued(svc.store)
+
+    def body(ctx: runtime.JobContext) -> dict[str, Any]:
+        for i in range(1, 5):  # only the first is written: the others fall in the interval
+            ctx.progress(Progress(i / 10, "sweep", f"cell {i}", {"cell": i}))
+        return {}
+
+    runtime.run_job(job_id, "w", body)
+    record = svc.store.get(job_id)
+    assert record is not None
+    assert (record.progress.stage, record.progress.message) == ("sweep", "cell 4")
+    assert (record.progress.fraction, record.progress.metrics) == (1.0, {"cell": 4})
+
+
 def test_progress_metrics_are_kept_json_safe(svc: runtime.WorkerServices) -> None:
     import torch
 
