@@ -29,7 +29,13 @@ from core.exceptions import InputError
 from core.har import highest_activation_regions
 from core.models import get_arch
 from core.progress import Progress, ProgressCallback, ShouldStop, check_stop, report
-from core.render import overlay, save_map_npy, save_map_png16, save_mask_png
+from core.render import (
+    PNG_COMPRESS_LEVEL,
+    overlay,
+    save_map_npy,
+    save_map_png16,
+    save_mask_png,
+)
 from core.results import ClassCam, ClassScore, ImageCam
 from core.transforms import eval_transform
 
@@ -189,7 +195,7 @@ def write_artifacts(
         picture = overlay(
             image, norm, colormap=options.colormap, alpha=options.alpha, boxes=cam.boxes
         )
-        picture.save(out / files["overlay"], format="PNG")
+        picture.save(out / files["overlay"], format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         save_map_npy(raw, out / files["map_npy"])
         save_map_png16(norm, out / files["map_png16"])
         if write_mask:
