@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from service.broker import register_transport
 from service.settings import JOB_KINDS, Settings
 
 #: Prefix of the registered task names: ``camres.cam``, ``camres.train``, ...
@@ -54,6 +55,7 @@ def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
 
     Building it has no side effect; the embedded broker's folders must exist before a task is
     sent or consumed (:meth:`Settings.ensure_dirs`)."""
+    register_transport()
     app = Celery("camres", broker=settings.effective_broker_url, include=list(include))
     queues = (settings.gpu_queue, settings.cpu_queue)
     app.conf.update(

@@ -27,6 +27,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: URL scheme of the embedded broker (kombu's filesystem transport, made atomic by
+#: :mod:`service.broker`, which registers it).
+EMBEDDED_BROKER_SCHEME = "camresfs"
+
 MiB = 1024 * 1024
 DAY = 24 * 3600
 
@@ -165,7 +169,7 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=5.0, gt=0.0)
     heartbeat_max_age: float = Field(default=30.0, gt=0.0, description="Readiness threshold.")
     broker_polling_interval: float = Field(
-        default=0.05,
+        default=0.02,
         gt=0.0,
         le=5.0,
         description="Embedded (filesystem) broker: seconds between looks for a new task. A job "
@@ -226,7 +230,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://localhost/"
+        return self.broker_url or f"{EMBEDDED_BROKER_SCHEME}://localhost/"
 
     @property
     def effective_store_url(self) -> str:

@@ -1,0 +1,61 @@
+"""The embedded broker publishes atomically: a consumer polling the queue folder never takes a
+half-written message (kombu's plain filesystem channel lets it, and the worker died on the
+empty JSON)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from kombu import Connection
+
+from service.broker import register_transport
+
+
+def _connection(folder: Path) -> Connection:
+    register_transport()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    return Connection("camresfs://localhost/", transport_options=options)
+
+
+def test_consumer_never_sees_partial_messages(tmp_path: Path) -> None:
+    stop = threading.Event()
+    seen: list[str] = []
+    partial: list[str] = []
+
+    def watch() -> None:  # what a polling consumer would find in the folder
+        while not stop.is_set():
+            for path in tmp_path.glob("*.msg"):
+                try:
+                    if path.stat().st_size == 0:
+                        partial.append(path.name)
+                    seen.append(path.name)
+                except FileNotFoundError:
+                    pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with _connection(tmp_path) as conn:
+            queue = conn.SimpleQueue("gpu")
+            for i in range(300):
+                queue.put({"job": i})
+            bodies = [queue.get(timeout=5).payload for _ in range(300)]
+            queue.close()
+    finally:
+        stop.set()
+        watcher.join()
+
+    assert sorted(b["job"] for b in bodies) == list(range(300))
+    assert seen, "the watcher never looked at a message file"
+    assert partial == []
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_an_undecodable_message_is_skipped_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "1_broken.gpu.msg").write_bytes(b"")
+    with _connection(tmp_path) as conn:
+        queue = conn.SimpleQueue("gpu")
+        queue.put({"job": "after"})
+        assert queue.get(timeout=5).payload == {"job": "after"}
+        queue.close()
