@@ -14,11 +14,17 @@ from service.broker import register_transport
 
 def _connection(folder: Path) -> Connection:
     register_transport()
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder.parent / "control"),  # kombu's default is ./control
+    }
     return Connection("camresfs://localhost/", transport_options=options)
 
 
 def test_consumer_never_sees_partial_messages(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "queue"
+    tmp_path.mkdir()
     stop = threading.Event()
     seen: list[str] = []
     partial: list[str] = []
@@ -53,9 +59,11 @@ def test_consumer_never_sees_partial_messages(tmp_path: Path) -> None:
 
 
 def test_an_undecodable_message_is_skipped_not_fatal(tmp_path: Path) -> None:
-    (tmp_path / "1_broken.gpu.msg").write_bytes(b"")
+    tmp_path = tmp_path / "queue"
+    tmp_path.mkdir()
+    (tmp_path / "1_broken.cpu.msg").write_bytes(b"")
     with _connection(tmp_path) as conn:
-        queue = conn.SimpleQueue("gpu")
+        queue = conn.SimpleQueue("cpu")  # kombu keeps bindings per process
         queue.put({"job": "after"})
         assert queue.get(timeout=5).payload == {"job": "after"}
         queue.close()
