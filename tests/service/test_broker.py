@@ -5,6 +5,7 @@ empty JSON)."""
 from __future__ import annotations
 
 import threading
+import uuid
 from pathlib import Path
 
 from kombu import Connection
@@ -20,6 +21,12 @@ def _connection(folder: Path) -> Connection:
         "control_folder": str(folder.parent / "control"),  # kombu's default is ./control
     }
     return Connection("camresfs://localhost/", transport_options=options)
+
+
+def _fresh_queue() -> str:
+    """A queue name no other test in this process used: kombu's filesystem transport keeps
+    exchange bindings in process-wide state, so shared names would cross-talk."""
+    return f"q{uuid.uuid4().hex}"
 
 
 def test_consumer_never_sees_partial_messages(tmp_path: Path) -> None:
@@ -43,7 +50,7 @@ def test_consumer_never_sees_partial_messages(tmp_path: Path) -> None:
     watcher.start()
     try:
         with _connection(tmp_path) as conn:
-            queue = conn.SimpleQueue("gpu")
+            queue = conn.SimpleQueue(_fresh_queue())
             for i in range(300):
                 queue.put({"job": i})
             bodies = [queue.get(timeout=5).payload for _ in range(300)]
@@ -61,9 +68,10 @@ def test_consumer_never_sees_partial_messages(tmp_path: Path) -> None:
 def test_an_undecodable_message_is_skipped_not_fatal(tmp_path: Path) -> None:
     tmp_path = tmp_path / "queue"
     tmp_path.mkdir()
-    (tmp_path / "1_broken.cpu.msg").write_bytes(b"")
+    name = _fresh_queue()
+    (tmp_path / f"1_broken.{name}.msg").write_bytes(b"")
     with _connection(tmp_path) as conn:
-        queue = conn.SimpleQueue("cpu")  # kombu keeps bindings per process
+        queue = conn.SimpleQueue(name)
         queue.put({"job": "after"})
         assert queue.get(timeout=5).payload == {"job": "after"}
         queue.close()
