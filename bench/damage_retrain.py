@@ -7,7 +7,8 @@ CPU-sized scale).
    80/20 train/test split; report the held-out test accuracy (target ≥ 88%).
 2. For each location D1–D4 separately, damage 50% of the weights of the first convolution of
    every block of that stage (stuck at zero, paper §3.2) and report the test accuracy.
-3. Masked retraining for 3 epochs (only undamaged weights learn) and report the test accuracy,
+3. Masked retraining for 3 epochs (only undamaged weights learn; the training loss, cosine
+   learning rate from 0.005) and report the test accuracy,
    the share of the lost accuracy recovered (target ≥ 90% at every location) and that every
    damaged weight is still exactly zero.
 
@@ -49,6 +50,8 @@ OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "damage_retrain.json"
 CHECKPOINT = OUT / "ucm14_resnet18_128.safetensors"
 PARTIAL = OUT / "damage_retrain.partial.json"
+#: How the checkpoint was trained (config, time, history), for results of ``--reuse`` runs.
+TRAIN_INFO = CHECKPOINT.with_suffix(".train.json")
 
 TARGET_TEST_ACCURACY = 0.88
 TARGET_RECOVERY = 0.90
@@ -78,11 +81,13 @@ def main() -> None:
     trained["per_class_accuracy"] = baseline.per_class_accuracy
     _log(f"trained: test accuracy {baseline.accuracy:.4f} on {baseline.count} images")
 
-    partial = _load_partial(ckpt.digest)
+    # Retraining continues the training recipe (same loss) at a fine-tuning learning rate.
+    smoothing = ckpt.meta.lineage[-1].params["config"]["label_smoothing"]
     retrain_config = TrainConfig(
         epochs=args.retrain_epochs, batch_size=32, lr=args.retrain_lr, seed=args.seed,
-        input_size=128, device="cpu",
+        label_smoothing=smoothing, device="cpu",
     )  # fmt: skip
+    partial = _load_partial(ckpt.digest, retrain_config)
     for location in args.locations:
         if location not in partial["locations"]:
             partial["locations"][location] = _damage_and_retrain(
@@ -106,7 +111,7 @@ def _arguments() -> argparse.Namespace:
         help="validation share of the images (0: train on all 80%% not held out for testing)",
     )
     parser.add_argument("--retrain-epochs", type=int, default=3)
-    parser.add_argument("--retrain-lr", type=float, default=0.01)
+    parser.add_argument("--retrain-lr", type=float, default=0.005)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--locations", nargs="+", default=["D1", "D2", "D3", "D4"])
     parser.add_argument("--seed", type=int, default=0)
@@ -136,8 +141,11 @@ def _trained(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
     if args.reuse and CHECKPOINT.exists():
         _log(f"reusing {CHECKPOINT.relative_to(REPO)}")
         _, ckpt = load_model(CHECKPOINT)
-        return {"reused": True, "checkpoint": str(CHECKPOINT.relative_to(REPO)),
-                "digest": ckpt.digest, "provenance": ckpt.meta.provenance}  # fmt: skip
+        info = json.loads(TRAIN_INFO.read_text()) if TRAIN_INFO.exists() else {}
+        if info.get("digest") != ckpt.digest:  # trained by another run: what the file says
+            info = {"checkpoint": str(CHECKPOINT.relative_to(REPO)), "digest": ckpt.digest,
+                    "provenance": ckpt.meta.provenance}  # fmt: skip
+        return {**info, "reused": True}
     config = TrainConfig(
         epochs=args.epochs, batch_size=32, lr=args.lr, momentum=0.9, weight_decay=5e-4,
         schedule="cosine", label_smoothing=args.label_smoothing, seed=args.seed,
@@ -151,8 +159,7 @@ def _trained(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     PARTIAL.unlink(missing_ok=True)  # results of an older checkpoint
     digest = trained.save(CHECKPOINT)
-    return {
-        "reused": False,
+    info = {
         "checkpoint": str(CHECKPOINT.relative_to(REPO)),
         "digest": digest,
         "config": config.model_dump(mode="json"),
@@ -161,16 +168,20 @@ def _trained(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
         "history": [e.model_dump(mode="json") for e in trained.result.history],
         "split": {k: len(getattr(trained.split, k)) for k in ("train", "val", "test")},
     }
+    TRAIN_INFO.write_text(json.dumps(info, indent=2))
+    return {**info, "reused": False}
 
 
-def _load_partial(digest: str | None) -> dict[str, Any]:
+def _load_partial(digest: str | None, config: TrainConfig) -> dict[str, Any]:
+    """Locations already done with this checkpoint and retraining configuration."""
+    key = {"digest": digest, "retrain_config": config.model_dump(mode="json")}
     if PARTIAL.exists():
         partial = json.loads(PARTIAL.read_text())
-        if partial.get("digest") == digest:
+        if {k: partial.get(k) for k in key} == key:
             done = ", ".join(partial["locations"]) or "none"
-            _log(f"resuming: locations done for this checkpoint: {done}")
+            _log(f"resuming: locations done for this checkpoint and configuration: {done}")
             return partial
-    return {"digest": digest, "locations": {}}
+    return {**key, "locations": {}}
 
 
 def _damage_and_retrain(
