@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from core.cam_options import CamOptions
@@ -31,7 +31,7 @@ from core.damage import damaged
 from core.damage_spec import DamageSpec
 from core.exceptions import InputError
 from core.explain import Explanation, explain
-from core.render import overlay
+from core.render import har_panel, overlay
 from core.sweep_report import BOUNDS
 from core.sweep_spec import SummaryRow, SweepReport
 
@@ -287,15 +287,7 @@ def _cam(image: Image.Image, explanation: Explanation) -> Image.Image:
 
 def _har(image: Image.Image, explanation: Explanation) -> Image.Image:
     """The image with everything outside the HAR dimmed and the HAR box outlined."""
-    mask = explanation.masks[0]
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    shaded = np.where(mask[..., None], pixels, pixels * 0.3).astype(np.uint8)
-    out = Image.fromarray(shaded)
-    draw = ImageDraw.Draw(out)
-    line = max(1, round(min(image.size) / 96))
-    for box in explanation.result.cams[0].boxes[:1]:
-        draw.rectangle((box.x0, box.y0, box.x1 - 1, box.y1 - 1), outline=(255, 255, 0), width=line)
-    return out
+    return har_panel(image, explanation.masks[0], explanation.result.cams[0].boxes[:1])
 
 
 def _label_panel(ax: Axes, row: GridRow) -> None:

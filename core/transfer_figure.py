@@ -22,11 +22,11 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from core.cam_options import CamOptions
 from core.explain import Explanation, write_artifacts
-from core.render import overlay
+from core.render import har_panel, overlay
 from core.results import ClassScore, ImageCam
 from core.transfer import TransferResult, TransferSample, TransferSummary
 
@@ -201,16 +201,7 @@ def _cam(image: Image.Image, explanation: Explanation, options: CamOptions) -> I
 
 def _har(image: Image.Image, explanation: Explanation) -> Image.Image:
     """The image dimmed outside the highest activation region, its box outlined."""
-    mask = explanation.masks[0]
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    shaded = np.where(mask[..., None], pixels, pixels * 0.3).astype(np.uint8)
-    out = Image.fromarray(shaded)
-    draw = ImageDraw.Draw(out)
-    line = max(1, round(min(image.size) / 96))
-    for box in explanation.result.cams[0].boxes[:1]:
-        # HAR boxes are half-open, PIL's rectangle corners inclusive.
-        draw.rectangle((box.x0, box.y0, box.x1 - 1, box.y1 - 1), outline=(255, 255, 0), width=line)
-    return out
+    return har_panel(image, explanation.masks[0], explanation.result.cams[0].boxes[:1])
 
 
 def _caption(sample: TransferSample) -> list[tuple[str, str, bool]]:
