@@ -5,13 +5,16 @@ injections into ResNet-50; each should cost well under a forward pass. Target: i
 stuck-at-zero damage into D4 of ResNet-50 (3 layers, 2.6 M weights) in < 50 ms (median).
 
 Cases, each timed ``--repeats`` times after ``--warmup`` runs, reporting the median wall time,
-its spread (min, max) and the median CPU time of the process (on a shared, loaded machine the
-CPU time with ``--threads 1`` is the better estimate of the time on an idle core), on a randomly
-initialised ResNet-50 (the cost does not depend on the values):
+its spread (min, max) and the median CPU time of the process, with torch using every core this
+process may use (``--threads``), on a randomly initialised ResNet-50 (the cost does not depend
+on the values):
 
 * ``inject`` — :func:`core.damage.apply_damage` (masks, faults, the intact values kept for
-  restore) for D4 and for D1–D4 together, with each fault model;
-* ``masks`` — :func:`core.damage.damage_masks` alone (the seeded permutations);
+  restore) for D4 and for D1–D4 together, with each fault model, *cold*: the seeded
+  permutations are drawn anew in every run (:data:`core.masks.PERMUTATIONS` is cleared);
+* ``inject … (cached)`` — the same with the permutations already cached, as for every fraction
+  after the first of a sweep, or a second damage job with the same seed;
+* ``masks`` — :func:`core.damage.damage_masks` alone, cold (the seeded permutations);
 * ``restore`` — :meth:`core.damage.Damage.restore`;
 * ``verify`` — :func:`core.damage.verify_damage` (what the worker reports after retraining);
 * ``hold_step`` — the extra cost per optimizer step of :func:`core.damage.hold_damage` (its
@@ -49,6 +52,7 @@ from core.damage import (  # noqa: E402
     verify_damage,
 )
 from core.damage_spec import BitFlip, DamageSpec, FaultSpec, Gaussian, StuckAt  # noqa: E402
+from core.masks import PERMUTATIONS  # noqa: E402
 
 TARGET_MS = 50.0
 LOCATIONS = {"D4": ["D4"], "D1-D4": ["D1", "D2", "D3", "D4"]}
@@ -115,7 +119,9 @@ def _location_cases(
     info = {"layers": len(layers), "weights": weights}
     cases = [
         _inject_case(model, spec, f"inject {where} stuck_at", args),
-        _timed(f"masks {where}", lambda: damage_masks(model, spec), None, args) | info,
+        _inject_case(model, spec, f"inject {where} stuck_at (cached)", args, cached=True),
+        _timed(f"masks {where}", lambda: damage_masks(model, spec), PERMUTATIONS.clear, args)
+        | info,
     ]
     damage = apply_damage(model, spec)
     check = verify_damage(model, damage.masks, damage.faults)
@@ -134,8 +140,15 @@ def _location_cases(
 
 
 def _inject_case(
-    model: nn.Module, spec: DamageSpec, name: str, args: argparse.Namespace
+    model: nn.Module,
+    spec: DamageSpec,
+    name: str,
+    args: argparse.Namespace,
+    *,
+    cached: bool = False,
 ) -> dict[str, Any]:
+    """``apply_damage`` timed cold (permutations drawn anew each run: a seed seen first) or
+    ``cached`` (the permutations of an earlier fraction or job of the same seed are reused)."""
     undo: list[Callable[[], None]] = []
 
     def inject() -> None:
@@ -144,7 +157,10 @@ def _inject_case(
     def restore() -> None:
         while undo:
             undo.pop()()
+        if not cached:
+            PERMUTATIONS.clear()
 
+    PERMUTATIONS.clear()
     return _timed(name, inject, restore, args)
 
 
@@ -201,9 +217,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
-    # One thread by default: the shuffle that dominates is sequential anyway, and on a shared
-    # machine one thread's CPU time estimates the idle wall time.
-    parser.add_argument("--threads", type=int, default=1)
+    # Every core this process may use, as a worker would: each layer's shuffle is sequential,
+    # but the layers' shuffles run in parallel (core.masks). The CPU time is reported too.
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument(
         "--output", type=Path, default=REPO_ROOT / "bench" / "results" / "damage_inject.json"
     )

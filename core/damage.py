@@ -24,7 +24,6 @@ flowing to the damaged ones.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from core.checkpoint_meta import LineageStep
 from core.damage_spec import PRESETS, DamageSpec
 from core.exceptions import DamageSpecError
 from core.faults import fault_model
+from core.masks import damaged_count, layer_masks, seeded_generator
 from core.progress import ProgressCallback, ShouldStop
 from core.train_spec import TrainConfig, TrainResult
 from core.training import StepGuard, fit
@@ -121,38 +121,13 @@ def _examples(modules: Mapping[str, nn.Module], limit: int = 8) -> str:
     return ", ".join(weighted[:limit]) + more + f" (presets: {', '.join(PRESETS)})"
 
 
-def damaged_count(numel: int, fraction: float) -> int:
-    """``round(fraction · numel)``: how many of a layer's weights a damage fraction takes."""
-    return round(fraction * numel)
-
-
-def _generator(seed: int, stream: str, layer: str) -> torch.Generator:
-    # A stable digest, not hash(): masks must not change between processes or Python versions.
-    digest = hashlib.sha256(f"camres.damage/{stream}/{seed}/{layer}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def _layer_mask(weight: Tensor, fraction: float, seed: int, layer: str) -> Tensor:
-    numel = weight.numel()
-    # int32 halves the time of the (sequential) shuffle and gives the same permutation.
-    index = torch.int32 if numel < 2**31 else torch.int64
-    order = torch.randperm(numel, generator=_generator(seed, "mask", layer), dtype=index)
-    flat = torch.zeros(numel, dtype=torch.bool)
-    flat[order[: damaged_count(numel, fraction)]] = True
-    return flat.view(weight.shape).to(weight.device)
-
-
 def damage_masks(model: nn.Module, spec: DamageSpec) -> dict[str, Tensor]:
     """The damage masks of ``spec`` on ``model``, without touching its weights.
 
     Keys are parameter names (``"layer4.0.conv1.weight"``); each mask is a bool tensor shaped
     like the parameter, on its device, with exactly ``round(spec.fraction · N)`` entries set.
     """
-    masks: dict[str, Tensor] = {}
-    for name in resolve_targets(model, spec):
-        weight = model.get_parameter(f"{name}.weight")
-        masks[f"{name}.weight"] = _layer_mask(weight, spec.fraction, spec.seed, name)
-    return masks
+    return layer_masks(model, resolve_targets(model, spec), spec.fraction, spec.seed)
 
 
 # --------------------------------------------------------------------------- injection
@@ -216,17 +191,17 @@ def apply_damage(model: nn.Module, spec: DamageSpec) -> Damage:
     damaged layer (``Damage.faults``, ``Damage.intact``).
     """
     fault = fault_model(spec.fault)
-    masks: dict[str, Tensor] = {}
+    names = resolve_targets(model, spec)
+    masks = layer_masks(model, names, spec.fraction, spec.seed)
     faults: dict[str, Tensor] = {}
     intact: dict[str, Tensor] = {}
     with torch.no_grad():
-        for name in resolve_targets(model, spec):
+        for name in names:
             key = f"{name}.weight"
             weight = model.get_parameter(key)
-            mask = _layer_mask(weight, spec.fraction, spec.seed, name)
-            corrupted = fault.corrupt(weight.detach(), _generator(spec.seed, "fault", name))
-            masks[key], intact[key] = mask, weight.detach().clone()
-            faults[key] = torch.where(mask, corrupted, weight.detach())
+            corrupted = fault.corrupt(weight.detach(), seeded_generator(spec.seed, "fault", name))
+            intact[key] = weight.detach().clone()
+            faults[key] = torch.where(masks[key], corrupted, weight.detach())
             weight.copy_(faults[key])
     return Damage(model, spec, masks, faults, intact)
 
