@@ -122,7 +122,7 @@ def _paths(
             return model(x).float().softmax(dim=1)
 
     def cam(bf16: bool = False) -> object:
-        return extractor(x, top_k=1, reduced_precision=bf16)
+        return extractor(x, top_k=1, precision="bf16" if bf16 else "fp32")
 
     def cam_har() -> object:
         batch = extractor(x, top_k=1)

@@ -9,6 +9,7 @@ one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 import click
 
 from cli.params import OUT_DIR, validated
-from core.cam_options import CamMethodName, CamOptions, ColormapName
+from core.cam_options import CamMethodName, CamOptions, CamPrecisionName, ColormapName
+from core.exceptions import CamresError
 from core.results import ImageCam
 
 __all__ = ["cam"]
@@ -91,6 +93,19 @@ _OPTION_NAMES = {
 )
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(typing.get_args(CamPrecisionName)),
+    default="fp32",
+    show_default=True,
+    help="Forward-pass precision: bf16 (CPU, CUDA) or fp16 (CUDA) autocast; maps stay float32.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads [default: $CAMRES_THREADS, else the cores this process may use].",
+)
 def cam(
     checkpoint: Path,
     images: tuple[Path, ...],
@@ -105,6 +120,8 @@ def cam(
     alpha: float,
     device: str,
     batch_size: int,
+    precision: str,
+    threads: int | None,
 ) -> None:
     """Write CAM overlays, raw maps and HAR boxes for IMAGE... with a checkpoint.
 
@@ -121,14 +138,22 @@ def cam(
         har_min_area=min_area,
         colormap=colormap,
         alpha=alpha,
+        precision=precision,
     )
     torch_device = _device(device)
 
     # Imported here: `camres --help` and the other commands must not pay for torch.
     from core.cam import resolve_classes
     from core.checkpoint import load_model
+    from core.engine import THREADS_ENV, apply_thread_policy, autocast_dtype
     from core.explain import explain, write_artifacts
     from core.images import decode_image
+
+    apply_thread_policy(override=threads if threads is not None else os.environ.get(THREADS_ENV))
+    try:
+        autocast_dtype(precision, torch_device)
+    except CamresError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precision") from None
 
     model, ckpt = load_model(checkpoint, device=torch_device)
     if options.classes is not None:

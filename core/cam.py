@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.engine import autocast
 from core.exceptions import (
     InputError,
     UnknownCamMethodError,
@@ -85,7 +86,10 @@ def select_targets(logits: Tensor, *, classes: Sequence[int] | None, top_k: int)
             raise UnknownClassError(
                 f"class index {bad[0]} is outside 0..{num_classes - 1}", field="classes"
             )
-        return torch.tensor(list(classes), dtype=torch.long, device=logits.device).expand(n, -1)
+        # Built on the host and copied without blocking: creating it on a CUDA device directly
+        # would be a synchronizing copy inside the batch loop.
+        chosen = torch.tensor(list(classes), dtype=torch.long)
+        return chosen.to(logits.device, non_blocking=True).expand(n, -1)
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, got {top_k}", field="top_k")
     return logits.topk(min(top_k, num_classes), dim=1).indices
@@ -117,11 +121,15 @@ class _CamMethod(ABC):
         *,
         classes: Sequence[int] | None = None,
         top_k: int = 1,
-        reduced_precision: bool = False,
+        precision: str = "fp32",
     ) -> CamBatch:
         """Explain a batch of preprocessed ``images`` (N×3×H×W) for the named class indices or
-        each image's ``top_k`` classes. ``reduced_precision`` runs the forward pass under
-        bfloat16 autocast (maps are still computed in float32)."""
+        each image's ``top_k`` classes. ``precision`` ``"bf16"`` or ``"fp16"`` runs the forward
+        pass under autocast (:func:`core.engine.autocast_dtype`); the maps are computed from the
+        features cast to float32 and returned in float32 either way.
+
+        Nothing here waits for the device (no ``.item()``, no host copies): on CUDA a call only
+        queues work, so the caller can prepare the next batch meanwhile."""
         if images.ndim != 4:
             raise InputError(
                 f"expected a batch of shape N×C×H×W, got {tuple(images.shape)}", field="images"
@@ -132,7 +140,7 @@ class _CamMethod(ABC):
             with (
                 eval_mode(self.model),
                 capture_output(self._features, as_leaf=self.needs_grad) as captured,
-                _autocast(images.device, reduced_precision),
+                autocast(precision, images.device),
             ):
                 logits = self.model(images)
             features = captured.value
@@ -257,11 +265,11 @@ def compute_cams(
     method: str = "cam",
     classes: Sequence[int] | None = None,
     top_k: int = 1,
-    reduced_precision: bool = False,
+    precision: str = "fp32",
 ) -> CamBatch:
     """Run the CAM ``method`` registered in :data:`CAM_METHODS` over a preprocessed batch."""
     extractor = CAM_METHODS.get(method)(model, feature_layer, fc_layer)
-    return extractor(images, classes=classes, top_k=top_k, reduced_precision=reduced_precision)
+    return extractor(images, classes=classes, top_k=top_k, precision=precision)
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -289,12 +297,3 @@ def normalize(maps: Tensor, *, relu: bool = True) -> Tensor:
     # Few passes over the full-size maps: this runs per image at the original resolution.
     scaled = (flat - low).div_(span.masked_fill(flat_map, 1.0)).mul_((~flat_map).float())
     return scaled.reshape(maps.shape)
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        yield

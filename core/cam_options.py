@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: CAM methods the engine ships; ``core.cam`` registers an implementation under each name.
 CamMethodName = Literal["cam", "gradcam"]
 
+#: Numeric precision of the forward pass: ``fp32``; ``bf16`` (CPU and CUDA) or ``fp16`` (CUDA
+#: only) run it under autocast. Maps are computed and returned in float32 whatever the choice.
+CamPrecisionName = Literal["fp32", "bf16", "fp16"]
+
 #: Colormaps offered for heatmap overlays (matplotlib names).
 ColormapName = Literal["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray"]
 
@@ -45,6 +49,14 @@ class CamOptions(BaseModel):
     )
     colormap: ColormapName = "jet"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Heatmap opacity.")
+    precision: CamPrecisionName = Field(
+        default="fp32",
+        description=(
+            "Forward-pass precision: fp32; bf16 (CPU or CUDA) or fp16 (CUDA only) under autocast,"
+            " faster where the hardware supports it, with maps still returned in float32. A"
+            " precision the worker's device cannot run fails the job with field 'precision'."
+        ),
+    )
 
     @model_validator(mode="after")
     def _classes_or_top_k(self) -> CamOptions:

@@ -13,7 +13,7 @@ upsampling to the original H×W (``align_corners=False``) → optional ReLU → 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from core.cam import CAM_METHODS, CamBatch, normalize, resolve_classes, upsample
 from core.cam_options import CamOptions
 from core.checkpoint_meta import CheckpointMeta
+from core.engine import autocast_dtype, prepare_for_inference, to_device, to_host
 from core.exceptions import InputError
 from core.har import highest_activation_regions
 from core.models import get_arch
@@ -39,7 +40,14 @@ from core.render import (
 from core.results import ClassCam, ClassScore, ImageCam
 from core.transforms import eval_transform
 
-__all__ = ["Explanation", "explain", "safe_name", "write_artifacts"]
+__all__ = [
+    "Explanation",
+    "cam_batches",
+    "explain",
+    "queue_cam_batches",
+    "safe_name",
+    "write_artifacts",
+]
 
 #: File names derived from client input keep only these characters (portable, URL-safe).
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -66,16 +74,17 @@ def explain(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 16,
-    reduced_precision: bool = False,
     progress: ProgressCallback | None = None,
     should_stop: ShouldStop | None = None,
 ) -> list[Explanation]:
     """Explain ``images`` — (name, decoded RGB image) pairs — with ``model`` as ``options`` ask.
 
-    The model's predictions and maps come from one forward pass per batch of ``batch_size``.
-    ``device`` defaults to the model's; when given, the model is moved there (``nn.Module.to``
-    works in place). Unknown class names raise :class:`UnknownClassError` and a method the
-    architecture cannot support :class:`UnsupportedModelError` before anything is computed.
+    The model's predictions and maps come from one forward pass per batch of ``batch_size``, in
+    ``options.precision``. ``device`` defaults to the model's; when given, the model is moved
+    there. Either way the model is put in channels_last in place
+    (:func:`core.engine.prepare_for_inference`: same values, same parameters). Unknown class
+    names, a method the architecture cannot support and a precision the device cannot run
+    raise before anything is computed.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(
@@ -86,23 +95,106 @@ def explain(
     classes = None if options.classes is None else resolve_classes(options.classes, meta.classes)
     extractor = CAM_METHODS.get(options.method)(model, arch.feature_layer, arch.fc_layer)
     target = torch.device(device) if device is not None else _device_of(model)
-    if device is not None:
-        model.to(target)
+    autocast_dtype(options.precision, target)
+    if not images:
+        return []
+    prepare_for_inference(model, device)
     transform = eval_transform(meta.preprocessing)
+    chunks = (
+        [transform(image) for _, image in images[start : start + batch_size]]
+        for start in range(0, len(images), batch_size)
+    )
+    batch = cam_batches(
+        extractor,
+        chunks,
+        total=len(images),
+        device=target,
+        classes=classes,
+        top_k=options.top_k,
+        precision=options.precision,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    return [
+        _explain_one(batch, i, name, image.size, meta.classes, options)
+        for i, (name, image) in enumerate(images)
+    ]
 
-    explanations: list[Explanation] = []
-    for start in range(0, len(images), batch_size):
+
+def cam_batches(
+    extractor: Callable[..., CamBatch],
+    chunks: Iterable[Sequence[Tensor]],
+    *,
+    total: int,
+    device: torch.device,
+    classes: Sequence[int] | None = None,
+    top_k: int = 1,
+    precision: str = "fp32",
+    progress: ProgressCallback | None = None,
+    should_stop: ShouldStop | None = None,
+) -> CamBatch:
+    """Run ``extractor`` over ``chunks`` of preprocessed C×H×W host tensors (``total`` images in
+    all) on ``device`` and return the whole result on the CPU: :func:`queue_cam_batches`, then
+    one transfer back (:func:`core.engine.to_host`)."""
+    queued = queue_cam_batches(
+        extractor,
+        chunks,
+        total=total,
+        device=device,
+        classes=classes,
+        top_k=top_k,
+        precision=precision,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    return CamBatch(*to_host([getattr(queued, f) for f in _BATCH_FIELDS]))
+
+
+def queue_cam_batches(
+    extractor: Callable[..., CamBatch],
+    chunks: Iterable[Sequence[Tensor]],
+    *,
+    total: int,
+    device: torch.device,
+    classes: Sequence[int] | None = None,
+    top_k: int = 1,
+    precision: str = "fp32",
+    progress: ProgressCallback | None = None,
+    should_stop: ShouldStop | None = None,
+) -> CamBatch:
+    """The batch loop of :func:`cam_batches`; the result stays on ``device``.
+
+    It never waits for the device: batches go over in pinned memory without blocking
+    (:func:`core.engine.to_device`), results are concatenated where they are, and nothing is
+    read back — on CUDA the host prepares batch b+1 while the GPU runs batch b. Progress is
+    reported per batch *queued*, and cancellation is checked before each batch is preprocessed.
+    """
+    parts: list[CamBatch] = []
+    done = 0
+    for chunk in _checked(chunks, should_stop):
+        inputs = to_device(chunk, device)
+        parts.append(extractor(inputs, classes=classes, top_k=top_k, precision=precision))
+        done += len(chunk)
+        report(progress, Progress(done / max(total, 1), "cam", f"{done}/{total} images"))
+    if not parts:
+        raise InputError("no images to explain", field="images")
+    return CamBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in _BATCH_FIELDS))
+
+
+_BATCH_FIELDS = ("logits", "probabilities", "targets", "maps")
+
+
+def _checked(
+    chunks: Iterable[Sequence[Tensor]], should_stop: ShouldStop | None
+) -> Iterator[Sequence[Tensor]]:
+    # Checked before a chunk is preprocessed, so cancelling skips that work too.
+    iterator = iter(chunks)
+    while True:
         check_stop(should_stop, "cam")
-        chunk = images[start : start + batch_size]
-        inputs = torch.stack([transform(image) for _, image in chunk]).to(target)
-        batch = extractor(
-            inputs, classes=classes, top_k=options.top_k, reduced_precision=reduced_precision
-        )
-        for i, (name, image) in enumerate(chunk):
-            explanations.append(_explain_one(batch, i, name, image.size, meta.classes, options))
-        done = start + len(chunk)
-        report(progress, Progress(done / len(images), "cam", f"{done}/{len(images)} images"))
-    return explanations
+        chunk = next(iterator, None)
+        if chunk is None:
+            return
+        yield chunk
 
 
 def _explain_one(
@@ -122,7 +214,7 @@ def _explain_one(
         for c, p in zip(top.indices.tolist(), top.values.tolist(), strict=True)
     ]
     raw = batch.maps[i]
-    maps = normalize(upsample(raw, (height, width)), relu=options.relu).cpu().numpy()
+    maps = normalize(upsample(raw, (height, width)), relu=options.relu).numpy()
     cams, masks = [], []
     for t, cls in enumerate(batch.targets[i].tolist()):
         har = highest_activation_regions(
@@ -145,7 +237,7 @@ def _explain_one(
     result = ImageCam(
         image=name, width=width, height=height, prediction=top_k[0], top_k=top_k, cams=cams
     )
-    raw_maps = [m.astype(np.float32) for m in raw.cpu().numpy()]
+    raw_maps = [m.astype(np.float32) for m in raw.numpy()]
     return Explanation(result=result, maps=list(maps), raw_maps=raw_maps, masks=masks)
 
 

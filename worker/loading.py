@@ -14,6 +14,7 @@ from PIL import Image
 from core.checkpoint import Checkpoint, load_model
 from core.checkpoint_meta import CheckpointMeta
 from core.datasets import ClassMapping, ImageDataset, ImageFolder, stratified_split
+from core.engine import prepare_for_inference
 from core.evaluation import folder_samples
 from core.exceptions import CheckpointError, DatasetError, UnknownClassError
 from core.images import decode_image
@@ -48,10 +49,17 @@ def load(ctx: JobContext, model_id: str, field: str = "spec.model") -> Loaded:
 
 def cached(ctx: JobContext, model_id: str, field: str = "spec.model") -> Loaded:
     """A shared, read-only model from this process's LRU cache. Ids are content digests, so
-    one owner's cached copy serves another's identical upload; the owner must still have it."""
+    one owner's cached copy serves another's identical upload; the owner must still have it.
+    Cached models are put in channels_last once, when loaded (the CAM engine's layout; damage,
+    retraining and checkpoint writing are layout-agnostic), so no task converts a shared model."""
     if model_id not in ctx.services.models.builtins:
         checkpoint_path(ctx, model_id, field)
-    return model_cache().get(model_id, lambda: load(ctx, model_id, field))
+    return model_cache().get(model_id, lambda: _for_inference(load(ctx, model_id, field)))
+
+
+def _for_inference(loaded: Loaded) -> Loaded:
+    model, checkpoint = loaded
+    return prepare_for_inference(model), checkpoint
 
 
 def _load_builtin(model_id: str, device: str) -> Loaded:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import copy
 import typing
 
 import pytest
 import torch
 import torchvision
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from core.cam import (
@@ -18,7 +20,8 @@ from core.cam import (
     select_targets,
     upsample,
 )
-from core.cam_options import CamMethodName
+from core.cam_options import CamMethodName, CamOptions, CamPrecisionName
+from core.engine import PRECISIONS, is_channels_last, prepare_for_inference
 from core.exceptions import (
     InputError,
     UnknownCamMethodError,
@@ -248,12 +251,54 @@ def test_bad_model_or_layers_are_unsupported(
     assert info2.value.field == "images"
 
 
-def test_reduced_precision_stays_close(resnet: torchvision.models.ResNet, images: Tensor) -> None:
-    full = run(resnet, images, classes=[0, 1])
-    low = run(resnet, images, classes=[0, 1], reduced_precision=True)
-    assert low.maps.dtype == torch.float32
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of maps (..., h, w) with maps of the same shape, per map."""
+    a, b = a.flatten(-2).double(), b.flatten(-2).double()
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_bf16_maps_correlate_with_fp32(
+    resnet: torchvision.models.ResNet, images: Tensor, method: str
+) -> None:
+    full = run(resnet, images, method, classes=[0, 1])
+    low = run(resnet, images, method, classes=[0, 1], precision="bf16")
+    assert low.maps.dtype == low.logits.dtype == torch.float32
+    assert pearson(low.maps, full.maps).min() > 0.99
     span = full.maps.amax() - full.maps.amin()
     assert (low.maps - full.maps).abs().max() < 0.1 * span
+    # Autocast really ran: bf16 rounding leaves a trace in the maps.
+    assert not torch.equal(low.maps, full.maps)
+
+
+def test_precision_is_validated(resnet: torchvision.models.ResNet, images: Tensor) -> None:
+    for precision, needle in (("fp16", "CUDA"), ("int8", "fp32, bf16, fp16")):
+        with pytest.raises(InputError, match=needle) as info:
+            run(resnet, images, precision=precision)
+        assert info.value.field == "precision"
+    assert typing.get_args(CamPrecisionName) == PRECISIONS == ("fp32", "bf16", "fp16")
+    assert CamOptions().precision == "fp32"
+    with pytest.raises(ValidationError) as error:
+        CamOptions(precision="fp8")  # type: ignore[arg-type]
+    assert [e["loc"] for e in error.value.errors()] == [("precision",)]
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_channels_last_gives_the_same_maps(
+    resnet: torchvision.models.ResNet, images: Tensor, method: str
+) -> None:
+    reference = run(resnet, images, method, top_k=2)
+    nhwc = prepare_for_inference(copy.deepcopy(resnet))
+    assert is_channels_last(nhwc)
+    assert not is_channels_last(resnet)
+    for x in (images, images.contiguous(memory_format=torch.channels_last)):
+        got = run(nhwc, x, method, top_k=2)
+        assert torch.equal(got.targets, reference.targets)
+        # Other kernels (oneDNN's NHWC convolutions) sum in another order: fp32 rounding only.
+        torch.testing.assert_close(got.maps, reference.maps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.logits, reference.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_upsample_is_bilinear_without_corner_alignment() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core.cam import Cam
 from core.cam_options import CamOptions
 from core.checkpoint_meta import CheckpointMeta
+from core.engine import is_channels_last
 from core.exceptions import (
     CancelledError,
     InputError,
@@ -93,6 +96,46 @@ def test_batching_does_not_change_results(
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_explain_runs_channels_last_and_leaves_the_model_usable(
+    meta: CheckpointMeta, images: list[tuple[str, Image.Image]]
+) -> None:
+    torch.manual_seed(1)
+    net = build_model("resnet18", len(CLASSES)).eval()
+    reference = copy.deepcopy(net)
+    params = dict(net.named_parameters())
+    options = CamOptions(top_k=2)
+    got = explain(net, meta, images, options)
+    assert is_channels_last(net)
+    assert dict(net.named_parameters()) == params  # the same Parameter objects
+    assert not any(m.training for m in net.modules())
+    for name, p in reference.named_parameters():
+        assert torch.equal(params[name], p)
+    # The row-major model through the bare extractor gives the same answers.
+    inputs = torch.stack([eval_transform(meta.preprocessing)(img) for _, img in images])
+    want = Cam(reference, "layer4", "fc")(inputs, top_k=2)
+    assert not is_channels_last(reference)
+    for i, ex in enumerate(got):
+        assert [c.target.index for c in ex.result.cams] == want.targets[i].tolist()
+        for t, raw in enumerate(ex.raw_maps):
+            np.testing.assert_allclose(raw, want.maps[i, t].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_explanations_track_fp32_on_real_images(
+    model: nn.Module, meta: CheckpointMeta, images: list[tuple[str, Image.Image]]
+) -> None:
+    # Every class named, so both runs explain the same classes whatever they predict.
+    full = explain(model, meta, images, CamOptions(classes=CLASSES))
+    low = explain(model, meta, images, CamOptions(classes=CLASSES, precision="bf16"))
+    for a, b in zip(full, low, strict=True):
+        for x, y in zip(a.raw_maps, b.raw_maps, strict=True):
+            assert y.dtype == np.float32
+            assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
+        for x, y in zip(a.maps, b.maps, strict=True):
+            assert y.dtype == np.float32
+            # Normalized maps, in [0, 1]: min-max stretches a weak map's rounding, so a mean.
+            assert np.abs(x - y).mean() < 0.02
+
+
 def test_gradcam_and_all_components(
     model: nn.Module, meta: CheckpointMeta, images: list[tuple[str, Image.Image]]
 ) -> None:
@@ -121,6 +164,9 @@ def test_errors_come_before_any_work(
         assert info2.value.field == "batch_size"
         with pytest.raises(InputError):
             explain(model, meta, [("", images[0][1])], CamOptions())
+        with pytest.raises(InputError) as info3:  # fp16 autocast is offered on CUDA only
+            explain(model, meta, images, CamOptions(precision="fp16"), device="cpu")
+        assert info3.value.field == "precision"
     finally:
         handle.remove()
     assert calls == []
