@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ from core.sweep_spec import (
     CellMetrics,
     Estimate,
     SummaryRow,
+    SweepConfig,
     SweepReport,
     SweepRow,
 )
@@ -40,12 +42,15 @@ __all__ = [
     "METRICS",
     "JsonlWriter",
     "mean_ci",
+    "merge_reports",
     "read_rows_jsonl",
     "row_record",
     "summarize",
     "summary_record",
     "write_report",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Per-cell metrics, in table order; after retraining each also appears as ``retrained_<name>``.
 METRICS: tuple[str, ...] = ("accuracy", "flip_rate", *DRIFT_METRICS)
@@ -109,6 +114,64 @@ def summarize(rows: Sequence[SweepRow], confidence: float = 0.95) -> list[Summar
 
 def _estimate(rows: Sequence[CellMetrics], metric: str, confidence: float) -> Estimate:
     return mean_ci((getattr(r, metric) for r in rows), confidence, bounds=BOUNDS[metric])
+
+
+def merge_reports(
+    config: SweepConfig, parts: Sequence[SweepReport], *, seconds: float | None = None
+) -> SweepReport:
+    """One report for ``config`` from the reports of its parts (:meth:`SweepConfig.split`),
+    as the unsplit sweep would have written it: rows in location (config order), fraction and
+    trial order, the summary recomputed from them. ``seconds`` defaults to the longest part.
+
+    Every cell of ``config`` must come from exactly one part, and the parts must have seen the
+    same network and images (:class:`InputError` on ``parts`` otherwise). Each part measured
+    the intact network itself; the first part's intact accuracy is kept (parts computing on
+    different hardware may differ in the last bits; that is logged)."""
+    if not parts:
+        raise InputError("no part to merge", field="parts")
+    first = parts[0]
+    for part in parts[1:]:
+        seen = (part.arch, part.classes, part.images, part.strategy)
+        if seen != (first.arch, first.classes, first.images, first.strategy):
+            raise InputError(
+                "parts disagree on the network or images (arch, classes, images, strategy): "
+                f"{seen} vs {(first.arch, first.classes, first.images, first.strategy)}",
+                field="parts",
+            )
+        if part.intact_accuracy != first.intact_accuracy:
+            log.warning(
+                "sweep parts measured different intact accuracies: %s vs %s",
+                part.intact_accuracy,
+                first.intact_accuracy,
+            )
+    order = {location: i for i, location in enumerate(config.locations)}
+    rows = sorted(
+        (row for part in parts for row in part.rows),
+        key=lambda r: (order.get(r.location, len(order)), r.fraction, r.trial),
+    )
+    keys = [(r.location, r.fraction, r.trial) for r in rows]
+    expected = {
+        (location, fraction, trial)
+        for location in config.locations
+        for fraction in config.fractions
+        for trial in range(config.trials)
+    }
+    if len(set(keys)) != len(keys) or set(keys) != expected:
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
+        raise InputError(
+            f"parts do not cover the sweep's cells once: missing {missing[:5]}, repeated "
+            f"{repeated[:5]}, foreign {extra[:5]}",
+            field="parts",
+        )
+    return first.model_copy(
+        update={
+            "config": config,
+            "seconds": max(p.seconds for p in parts) if seconds is None else seconds,
+            "rows": rows,
+            "summary": summarize(rows, config.confidence),
+        }
+    )
 
 
 def row_record(row: SweepRow) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal, InvalidOperation
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -137,6 +137,62 @@ class SweepConfig(BaseModel):
     def cells(self) -> int:
         """Damaged networks evaluated: locations × fractions × trials."""
         return len(self.locations) * len(self.fractions) * self.trials
+
+    @property
+    def units(self) -> int:
+        """Work units of a run (its progress denominator): every cell, plus every retrained
+        cell again."""
+        return self.cells + len(self.locations) * len(self.retrain_at) * self.trials
+
+    def subset(self, locations: list[str], fractions: list[float]) -> SweepConfig:
+        """The same sweep restricted to ``locations`` × ``fractions`` (``retrain_at`` alike).
+        Its cells are cells of this sweep with the same results: a cell's damage depends only
+        on its location, fraction and seed (nested masks are drawn per fraction, see
+        :mod:`core.damage`), and its metrics only on the intact network and that damage."""
+        unknown = sorted(set(locations) - set(self.locations))
+        unknown += sorted(str(f) for f in set(fractions) - set(self.fractions))
+        if unknown or not locations or not fractions:
+            raise InputError(
+                f"a part must be a non-empty subset of the sweep; not in it: {unknown}",
+                field="config",
+            )
+        data = self.model_dump()
+        data.update(
+            locations=[loc for loc in self.locations if loc in locations],
+            fractions=[f for f in self.fractions if f in fractions],
+            retrain_at=[f for f in self.retrain_at if f in fractions],
+        )
+        return SweepConfig.model_validate(data)
+
+    def split(self, parts: int) -> list[SweepConfig]:
+        """At most ``parts`` disjoint subsets covering every cell once, to run on several
+        workers. Locations are the natural shard (the fast strategy caches the activations
+        before a location's first damaged layer, :mod:`core.sweep`); with more parts than
+        locations, a location's fractions are cut into contiguous ranges (each range recomputes
+        that cache once). Parts are in config order: location, then fraction."""
+        if parts < 1:
+            raise InputError(f"parts must be at least 1, got {parts}", field="parts")
+        locations, fractions = self.locations, self.fractions
+        parts = min(parts, len(locations) * len(fractions))
+        if parts <= len(locations):
+            return [self.subset(group, fractions) for group in _chunks(locations, parts)]
+        base, extra = divmod(parts, len(locations))
+        return [
+            self.subset([location], chunk)
+            for index, location in enumerate(locations)
+            for chunk in _chunks(fractions, base + (1 if index < extra else 0))
+        ]
+
+
+def _chunks(items: list[Any], count: int) -> list[list[Any]]:
+    """``items`` cut into ``count`` contiguous runs whose lengths differ by at most one."""
+    size, extra = divmod(len(items), count)
+    runs, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        runs.append(items[start:end])
+        start = end
+    return runs
 
 
 class CellMetrics(BaseModel):

@@ -63,14 +63,19 @@ def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],
-        # Job state and results live in the service's job store, not in a result backend.
+        # Job state and results live in the service's job store, not in a result backend;
+        # so do the parts of a fanned-out sweep (why: worker/sweep_fanout.py).
         task_ignore_result=True,
         result_backend=None,
         task_queues=[
             Queue(name, Exchange(name, type="direct"), routing_key=name) for name in queues
         ],
         task_default_queue=settings.gpu_queue,
-        task_routes={task_name(kind): {"queue": settings.queue_for(kind)} for kind in JOB_KINDS},
+        task_routes={
+            **{task_name(kind): {"queue": settings.queue_for(kind)} for kind in JOB_KINDS},
+            # The parts of a sweep split across workers go where the sweep goes.
+            task_name("sweep_part"): {"queue": settings.queue_for("sweep")},
+        },
         # A task is acknowledged after it ran, and requeued if its worker process died, so
         # a crash never loses a job silently; one task reserved per process keeps long jobs
         # from queueing behind each other in a busy worker.

@@ -197,7 +197,8 @@ class TransferJobSpec(BaseModel):
 class SweepJobSpec(BaseModel):
     """Damage sweep (paper §4.2): accuracy and CAM drift of the model damaged at each location
     and fraction, over several trials, optionally after masked retraining. Rows appear in the
-    ``sweep_cells.jsonl`` artifact as cells finish."""
+    ``sweep_cells.jsonl`` artifact as cells finish (``sweep_cells.<part>.jsonl`` per part when
+    the sweep is split across workers)."""
 
     model_config = _STRICT
 
@@ -305,10 +306,22 @@ class TransferJobResult(BaseModel):
     report: TransferSummary
 
 
+class SweepPart(BaseModel):
+    """One part of a sweep split across workers: the cells it computed and where."""
+
+    part: str = Field(description="Part name, p0, p1, ….")
+    worker: str = Field(description="Hostname of the worker that computed it.")
+    locations: list[str]
+    fractions: list[float]
+    cells: int
+    seconds: float
+
+
 class SweepJobResult(BaseModel):
     """Result of a sweep job: its headline numbers and the summary table (mean and confidence
     interval over trials per location and fraction). Every cell's row is in the artifacts
-    (``sweep.json``, ``sweep_cells.csv``, ``sweep_cells.jsonl``)."""
+    (``sweep.json``, ``sweep_cells.csv``, ``sweep_cells.jsonl``; while a sweep split across
+    workers runs, each part writes its rows to ``sweep_cells.<part>.jsonl``)."""
 
     arch: str
     classes: list[str]
@@ -318,6 +331,10 @@ class SweepJobResult(BaseModel):
     seconds: float
     summary: list[SummaryRow]
     artifacts: dict[str, str] = Field(description="Artifact kind → file name.")
+    parts: list[SweepPart] | None = Field(
+        default=None,
+        description="The parts the sweep was split into across workers; absent when it ran whole.",
+    )
 
 
 #: What ``Job.result`` may hold, by kind. Results carry no tag and several models accept one

@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     cancel_poll_interval: float = Field(default=1.0, ge=0.0)
     heartbeat_interval: float = Field(default=5.0, gt=0.0)
     heartbeat_max_age: float = Field(default=30.0, gt=0.0, description="Readiness threshold.")
+    # Sweep fan-out across workers (worker/sweep_fanout.py); only with a Redis broker.
+    sweep_fanout: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        default="auto",
+        description='Parts a sweep job is split into when more than one worker is live: "auto" '
+        "one per live worker on the sweep's queue, N at most N parts; 1 never splits.",
+    )
     broker_polling_interval: float = Field(
         default=0.02,
         gt=0.0,

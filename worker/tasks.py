@@ -19,13 +19,8 @@ from core.damage import damage_checkpoint
 from core.datasets import ClassMapping
 from core.evaluation import evaluate_folder
 from core.explain import write_artifacts
-from core.figures import plot_accuracy, plot_drift
-from core.progress import Progress
-from core.resilience import RetrainPlan, explain_conditions, retrain_checkpoint
+from core.resilience import ConditionsResult, RetrainPlan, explain_conditions, retrain_checkpoint
 from core.results import ImageCam
-from core.sweep import run_sweep
-from core.sweep_report import JsonlWriter, write_report
-from core.sweep_spec import SweepRow
 from core.training import train_classifier
 from core.transfer import transfer
 from core.transfer_figure import CAMS_DIR, REPORT_FILE, write_transfer_report
@@ -40,14 +35,13 @@ from service.schemas import (
     EvaluateJobSpec,
     ModelJobResult,
     RetrainJobSpec,
-    SweepJobResult,
     SweepJobSpec,
     TrainJobSpec,
     TransferJobResult,
     TransferJobSpec,
 )
 from service.store import JobError
-from worker import loading
+from worker import loading, sweep_fanout
 from worker.app import celery_app
 from worker.runtime import JobBody, JobContext, current_device, run_job, services
 
@@ -312,55 +306,24 @@ def _flat_names(result: ImageCam) -> ImageCam:
 
 # --- sweep -------------------------------------------------------------------------------------
 #: The sweep's rows so far, one JSON document per line, readable while the job runs.
-CELLS_JSONL = "sweep_cells.jsonl"
+CELLS_JSONL = sweep_fanout.CELLS_JSONL
 
 
 @celery_app.task(name=task_name("sweep"), base=JobTask, bind=True)
 def sweep(self: Task, job_id: str) -> dict[str, Any]:
-    """Damage sweep: accuracy and CAM drift per location, fraction and trial."""
-    return _run(self, job_id, run_sweep_job)
+    """Damage sweep: accuracy and CAM drift per location, fraction and trial; split into parts
+    run by several workers when more than one is live (:mod:`worker.sweep_fanout`)."""
+    dispatched = sweep_fanout.dispatch(job_id, self.request.hostname or "worker")
+    return dispatched if dispatched is not None else _run(self, job_id, run_sweep_job)
+
+
+@celery_app.task(name=sweep_fanout.PART_TASK, base=JobTask, bind=True)
+def sweep_part(self: Task, job_id: str, part: str) -> dict[str, Any]:
+    """One part of a fanned-out sweep; the part that completes the set merges the report."""
+    return sweep_fanout.run_part(job_id, part, self.request.hostname or "worker")
 
 
 def run_sweep_job(ctx: JobContext) -> dict[str, Any]:
     spec = SweepJobSpec.model_validate(ctx.spec)
-    # run_sweep damages the cached model in place cell by cell and restores it bit for bit
-    # (also on errors and cancellation); retraining works on copies.
-    model, checkpoint = loading.cached(ctx, spec.model)
-    eval_set, retrain_data = loading.sweep_inputs(ctx, spec, checkpoint.meta)
-    partial = JsonlWriter(ctx.artifacts / CELLS_JSONL)
-    rows = 0
-
-    def on_cell(row: SweepRow) -> None:
-        nonlocal rows
-        partial(row)
-        rows += 1
-
-    def progress(p: Progress) -> None:
-        # "rows" tells a client how many lines of the partial artifact are complete.
-        ctx.progress(Progress(p.fraction, p.stage, p.message, {**p.metrics, "rows": rows}))
-
-    result = run_sweep(
-        model,
-        checkpoint.meta.arch,
-        eval_set,
-        spec.config,
-        retrain_data=retrain_data,
-        progress=progress,
-        should_stop=ctx.should_stop,
-        on_cell=on_cell,
-    )
-    report = result.report(checkpoint.meta.classes, model=spec.model, dataset=spec.dataset)
-    written = write_report(report, ctx.artifacts)
-    written["accuracy_png"] = plot_accuracy(report, ctx.artifacts / "accuracy.png")
-    written["drift_png"] = plot_drift(report, ctx.artifacts / "drift.png")
-    written["cells_jsonl"] = partial.path
-    return SweepJobResult(
-        arch=report.arch,
-        classes=report.classes,
-        images=report.images,
-        intact_accuracy=report.intact_accuracy,
-        cells=len(report.rows),
-        seconds=report.seconds,
-        summary=report.summary,
-        artifacts={kind: path.name for kind, path in written.items()},
-    ).model_dump(mode="json")
+    report = sweep_fanout.compute(ctx, spec, spec.config, ctx.artifacts / CELLS_JSONL)
+    return sweep_fanout.publish(ctx, report)

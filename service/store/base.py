@@ -14,6 +14,7 @@ import enum
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Final, Literal
 
@@ -117,6 +118,40 @@ class JobRecord(BaseModel):
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+
+class PartState(BaseModel):
+    """One part of a job split across workers (a sweep fanned out, see
+    ``worker.sweep_fanout``): what it computes (``spec``), its share of the job's work
+    (``weight``), its last progress, and its runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(default=1.0, gt=0.0)
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    done: bool = False
+    attempts: int = Field(default=0, ge=0, description="Times a worker started the part.")
+    worker: str | None = None
+
+
+#: A change of a job's parts: current parts → (parts to write, new job progress or None).
+PartsChange = Callable[[dict[str, PartState]], tuple[dict[str, PartState], JobProgress | None]]
+
+
+def combined_progress(parts: dict[str, PartState], latest: JobProgress) -> JobProgress:
+    """The job's progress from its parts': the fraction is the parts' fractions weighted by
+    their share of the work; stage, message and metrics are the reporting part's (``latest``),
+    with ``parts`` and ``parts_done`` added."""
+    total = sum(p.weight for p in parts.values())
+    fraction = sum(p.weight * p.fraction for p in parts.values()) / total if total else 0.0
+    metrics = {
+        **latest.metrics,
+        "parts": len(parts),
+        "parts_done": sum(p.done for p in parts.values()),
+    }
+    return latest.model_copy(update={"fraction": min(max(fraction, 0.0), 1.0), "metrics": metrics})
 
 
 class WorkerBeat(BaseModel):
@@ -253,6 +288,80 @@ class JobStore(ABC):
     @abstractmethod
     def counts(self) -> dict[tuple[str, str], int]:
         """Number of jobs per ``(kind, status)``, including deleted finished jobs."""
+
+    # --- parts of a job run by several workers ----------------------------------------------
+    @abstractmethod
+    def parts(self, job_id: str) -> dict[str, PartState]:
+        """The job's parts by name (empty when it was never split)."""
+
+    @abstractmethod
+    def update_parts(self, job_id: str, change: PartsChange) -> dict[str, PartState] | None:
+        """Atomically, if the job is running: read its parts, apply ``change``, write the parts
+        it returns (and the job's progress when it returns one); return every part after the
+        change. None, changing nothing, when the job is not running."""
+
+    def declare_parts(
+        self, job_id: str, parts: dict[str, PartState]
+    ) -> dict[str, PartState] | None:
+        """Split a running job into ``parts``, once: a job already split keeps its parts (a
+        redelivered dispatcher must find the plan it sent). Returns the parts stored."""
+
+        def change(
+            current: dict[str, PartState],
+        ) -> tuple[dict[str, PartState], JobProgress | None]:
+            if current:
+                return {}, None
+            return parts, combined_progress(parts, JobProgress(stage="parts"))
+
+        return self.update_parts(job_id, change)
+
+    def start_part(self, job_id: str, part: str, worker: str) -> PartState | None:
+        """Count a run of ``part`` on ``worker`` and return it; None when the job is not
+        running (finished, cancelled) or has no such part."""
+
+        def change(
+            current: dict[str, PartState],
+        ) -> tuple[dict[str, PartState], JobProgress | None]:
+            if part not in current:
+                return {}, None
+            state = current[part]
+            return {
+                part: state.model_copy(update={"attempts": state.attempts + 1, "worker": worker})
+            }, None
+
+        states = self.update_parts(job_id, change)
+        return None if states is None else states.get(part)
+
+    def set_part_progress(self, job_id: str, part: str, progress: JobProgress) -> None:
+        """Record one part's progress; the job's becomes the parts' combined
+        (:func:`combined_progress`), so parts never overwrite each other's."""
+
+        def change(
+            current: dict[str, PartState],
+        ) -> tuple[dict[str, PartState], JobProgress | None]:
+            if part not in current:
+                return {}, None
+            update = {"fraction": progress.fraction, "metrics": progress.metrics}
+            states = {**current, part: current[part].model_copy(update=update)}
+            return {part: states[part]}, combined_progress(states, progress)
+
+        self.update_parts(job_id, change)
+
+    def finish_part(self, job_id: str, part: str) -> dict[str, PartState] | None:
+        """Mark ``part`` done (idempotent) and return every part: the caller that sees them all
+        done merges. None when the job is not running."""
+
+        def change(
+            current: dict[str, PartState],
+        ) -> tuple[dict[str, PartState], JobProgress | None]:
+            if part not in current:
+                return {}, None
+            state = current[part].model_copy(update={"done": True, "fraction": 1.0})
+            states = {**current, part: state}
+            latest = JobProgress(stage="parts", message=f"part {part} done", metrics={"part": part})
+            return {part: state}, combined_progress(states, latest)
+
+        return self.update_parts(job_id, change)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -28,6 +28,8 @@ from service.store.base import (
     JobRecord,
     JobStore,
     OwnerFilter,
+    PartsChange,
+    PartState,
     StoreError,
     TooManyJobsError,
     WorkerBeat,
@@ -76,12 +78,12 @@ end
 return status
 """
 
-# KEYS[1] job hash, KEYS[2] jobs zset, KEYS[3] finished zset; ARGV[1] job id. Deletes a
-# finished job; returns 1, or 0 when it is unknown or not finished.
+# KEYS[1] job hash, KEYS[2] jobs zset, KEYS[3] finished zset, KEYS[4] the job's parts hash;
+# ARGV[1] job id. Deletes a finished job; returns 1, or 0 when it is unknown or not finished.
 _DELETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
@@ -149,6 +151,9 @@ class RedisJobStore(JobStore):
 
     def _job_key(self, job_id: str) -> str:
         return self._key("job", job_id)
+
+    def _parts_key(self, job_id: str) -> str:
+        return self._key("job", job_id, "parts")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -351,10 +356,46 @@ class RedisJobStore(JobStore):
     def delete(self, job_id: str) -> bool:
         deleted = self._call(
             self._delete,
-            keys=[self._job_key(job_id), self._key("jobs"), self._key("finished")],
+            keys=[
+                self._job_key(job_id),
+                self._key("jobs"),
+                self._key("finished"),
+                self._parts_key(job_id),
+            ],
             args=[job_id],
         )
         return bool(deleted)
+
+    def parts(self, job_id: str) -> dict[str, PartState]:
+        raw = self._call(self._redis.hgetall, self._parts_key(job_id))
+        return {name.decode(): PartState.model_validate_json(value) for name, value in raw.items()}
+
+    def update_parts(self, job_id: str, change: PartsChange) -> dict[str, PartState] | None:
+        job_key, parts_key = self._job_key(job_id), self._parts_key(job_id)
+
+        def attempt(pipe: Any) -> dict[str, PartState] | None:
+            # Optimistic: WATCHed keys changed by another part before EXEC → redis-py reruns
+            # this function on fresh values, so no part's update is lost.
+            if pipe.hget(job_key, "status") != b"running":
+                return None
+            current = {
+                name.decode(): PartState.model_validate_json(value)
+                for name, value in pipe.hgetall(parts_key).items()
+            }
+            written, progress = change(current)
+            pipe.multi()
+            if written:
+                pipe.hset(parts_key, mapping={n: st.model_dump_json() for n, st in written.items()})
+            if progress is not None:
+                pipe.hset(
+                    job_key, "progress", _encode("progress", progress.model_dump(mode="json"))
+                )
+            return {**current, **written}
+
+        result: dict[str, PartState] | None = self._call(
+            self._redis.transaction, attempt, job_key, parts_key, value_from_callable=True
+        )
+        return result
 
     def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
         now = time.time()

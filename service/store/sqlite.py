@@ -30,6 +30,8 @@ from service.store.base import (
     JobRecord,
     JobStore,
     OwnerFilter,
+    PartsChange,
+    PartState,
     StoreError,
     TooManyJobsError,
     WorkerBeat,
@@ -57,6 +59,12 @@ CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY,
     seen_at REAL NOT NULL,
     info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_parts (
+    job_id TEXT NOT NULL,
+    part TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (job_id, part)
 );
 CREATE TABLE IF NOT EXISTS deleted_counts (
     kind TEXT NOT NULL,
@@ -350,12 +358,37 @@ class SQLiteJobStore(JobStore):
             if row is None or row["status"] not in TERMINAL:
                 return False
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            conn.execute("DELETE FROM job_parts WHERE job_id = ?", (job_id,))
             conn.execute(
                 "INSERT INTO deleted_counts (kind, status, n) VALUES (?, ?, 1) "
                 "ON CONFLICT(kind, status) DO UPDATE SET n = n + 1",
                 (row["kind"], row["status"]),
             )
         return True
+
+    def parts(self, job_id: str) -> dict[str, PartState]:
+        rows = self._execute("SELECT part, state FROM job_parts WHERE job_id = ?", (job_id,))
+        return {row["part"]: PartState.model_validate_json(row["state"]) for row in rows}
+
+    def update_parts(self, job_id: str, change: PartsChange) -> dict[str, PartState] | None:
+        with self._write_transaction() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != "running":
+                return None
+            rows = conn.execute("SELECT part, state FROM job_parts WHERE job_id = ?", (job_id,))
+            current = {r["part"]: PartState.model_validate_json(r["state"]) for r in rows}
+            written, progress = change(current)
+            conn.executemany(
+                "INSERT INTO job_parts (job_id, part, state) VALUES (?, ?, ?) "
+                "ON CONFLICT(job_id, part) DO UPDATE SET state = excluded.state",
+                [(job_id, name, state.model_dump_json()) for name, state in written.items()],
+            )
+            if progress is not None:
+                conn.execute(
+                    "UPDATE jobs SET progress = ? WHERE id = ?",
+                    (progress.model_dump_json(), job_id),
+                )
+        return {**current, **written}
 
     def heartbeat(self, worker: str, info: dict[str, Any] | None = None) -> None:
         self._execute(

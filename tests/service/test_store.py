@@ -20,6 +20,7 @@ from service.store import (
     JobProgress,
     JobRecord,
     JobStore,
+    PartState,
     StoreError,
     TooManyJobsError,
     open_store,
@@ -388,3 +389,90 @@ def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
     started = store.start("j", "w")
     assert started is not None
     assert started.attempts == 1
+
+
+# --- parts of a job run by several workers (a fanned-out sweep) ---------------------------------
+def two_parts() -> dict[str, PartState]:
+    return {"p0": PartState(spec={"index": 0}, weight=1.0), "p1": PartState(weight=3.0)}
+
+
+def test_parts_are_declared_once_on_a_running_job(store: JobStore) -> None:
+    store.create(job("a"))
+    assert store.declare_parts("a", two_parts()) is None  # queued: nothing to split yet
+    store.start("a", "dispatcher")
+    assert store.declare_parts("a", two_parts()) == two_parts()
+    # A redelivered dispatcher finds the plan it sent, not a new one.
+    assert store.declare_parts("a", {"q": PartState()}) == two_parts()
+    assert store.parts("a") == two_parts()
+    assert store.parts("unknown") == {}
+
+
+def test_part_progress_is_combined_by_weight_and_never_overwritten(store: JobStore) -> None:
+    store.create(job("a"))
+    store.start("a", "dispatcher")
+    store.declare_parts("a", two_parts())
+    store.set_part_progress(
+        "a", "p0", JobProgress(fraction=0.5, stage="sweep", metrics={"rows": 1})
+    )
+    store.set_part_progress("a", "p1", JobProgress(fraction=1 / 3, stage="load", message="p1"))
+    record = store.get("a")
+    assert record is not None
+    assert record.progress.fraction == pytest.approx((0.5 * 1 + 1 / 3 * 3) / 4)
+    assert (record.progress.stage, record.progress.message) == ("load", "p1")
+    assert record.progress.metrics == {"parts": 2, "parts_done": 0}
+    parts = store.parts("a")
+    assert (parts["p0"].fraction, parts["p0"].metrics) == (0.5, {"rows": 1})
+    store.set_part_progress("a", "nope", JobProgress(fraction=1.0))  # unknown part: ignored
+    assert store.get("a").progress.fraction == record.progress.fraction  # type: ignore[union-attr]
+
+
+def test_parts_are_started_counted_and_finished_idempotently(store: JobStore) -> None:
+    store.create(job("a"))
+    store.start("a", "dispatcher")
+    store.declare_parts("a", two_parts())
+    first = store.start_part("a", "p0", "w1")
+    again = store.start_part("a", "p0", "w2")  # redelivered after w1 died
+    assert first is not None
+    assert again is not None
+    assert (first.attempts, again.attempts, again.worker) == (1, 2, "w2")
+    assert store.start_part("a", "nope", "w1") is None
+    after = store.finish_part("a", "p0")
+    assert after is not None
+    assert [after["p0"].done, after["p1"].done] == [True, False]
+    assert store.finish_part("a", "p0") == after  # idempotent
+    done = store.finish_part("a", "p1")
+    assert done is not None
+    assert all(p.done for p in done.values())
+    record = store.get("a")
+    assert record is not None
+    assert record.progress.fraction == 1.0
+    assert record.progress.metrics["parts_done"] == 2
+    # A finished job's parts are frozen, and leave with the job.
+    assert store.finish("a", "succeeded", result={})
+    assert store.start_part("a", "p0", "w3") is None
+    assert store.finish_part("a", "p1") is None
+    assert store.delete("a")
+    assert store.parts("a") == {}
+
+
+def test_concurrent_part_updates_lose_nothing(store: JobStore) -> None:
+    """Parts on different workers write progress at the same time; every write lands in its own
+    entry and the combined fraction is consistent with them."""
+    names = [f"p{i}" for i in range(4)]
+    store.create(job("a"))
+    store.start("a", "dispatcher")
+    store.declare_parts("a", {name: PartState() for name in names})
+
+    def report(name: str) -> None:
+        for step in range(1, 21):
+            store.set_part_progress("a", name, JobProgress(fraction=step / 20))
+
+    threads = [threading.Thread(target=report, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(state.fraction == 1.0 for state in store.parts("a").values())
+    record = store.get("a")
+    assert record is not None
+    assert record.progress.fraction == 1.0
