@@ -57,7 +57,9 @@ def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
     sent or consumed (:meth:`Settings.ensure_dirs`)."""
     register_transport()
     app = Celery("camres", broker=settings.effective_broker_url, include=list(include))
-    queues = (settings.gpu_queue, settings.cpu_queue)
+    # The batch queue holds only CAM jobs a worker may run in one forward pass with others
+    # (worker/batching.py), so a worker draining it never takes a job it must put back.
+    queues = (settings.gpu_queue, settings.cpu_queue, settings.cam_batch_queue)
     app.conf.update(
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
@@ -96,13 +98,19 @@ def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
     return app
 
 
-def send_job(app: Celery, settings: Settings, job_id: str, kind: str) -> None:
-    """Queue the task of a job; the task id is the job id."""
+def send_job(
+    app: Celery, settings: Settings, job_id: str, kind: str, *, batchable: bool = False
+) -> None:
+    """Queue the task of a job; the task id is the job id. A ``batchable`` CAM job goes to
+    the batch queue while batching is on (:func:`service.submission.cam_batchable`)."""
+    queue = settings.queue_for(kind)
+    if batchable and kind == "cam" and settings.cam_batching:
+        queue = settings.cam_batch_queue
     app.send_task(
         task_name(kind),
         args=[job_id],
         task_id=job_id,
-        queue=settings.queue_for(kind),
+        queue=queue,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
     )

@@ -181,6 +181,21 @@ class Settings(BaseSettings):
         description="Embedded (filesystem) broker: seconds between looks for a new task. A job "
         "waits half of it on average; an idle worker spends ~0.2 ms of CPU per look.",
     )
+    # Micro-batching of one-image CAM jobs (worker/batching.py).
+    cam_batching: bool = Field(
+        default=True,
+        description="Run small intact-only CAM jobs on one model in shared forward passes.",
+    )
+    cam_batch_wait_ms: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=10_000.0,
+        description="How long a worker waits for more CAM jobs to join a batch; a lone job's "
+        "latency grows by at most this.",
+    )
+    cam_batch_max_size: int = Field(
+        default=32, ge=1, le=1024, description="Most images in one batched forward pass."
+    )
     broker_visibility_timeout: int | None = Field(
         default=None,
         ge=1,
@@ -276,6 +291,12 @@ class Settings(BaseSettings):
     def queue_for(self, kind: str) -> str:
         """The Celery queue a job kind is routed to."""
         return self.cpu_queue if kind in self.cpu_kinds else self.gpu_queue
+
+    @property
+    def cam_batch_queue(self) -> str:
+        """The queue of batchable CAM jobs, next to the one CAM jobs are routed to: workers
+        consuming that one consume it too (worker/app.py)."""
+        return f"{self.queue_for('cam')}-batch"
 
     def ensure_dirs(self) -> None:
         """Create the data folders (idempotent)."""

@@ -232,6 +232,19 @@ def _check_cam(check: _Checker, spec: CamJobSpec, settings: Settings, uploads: i
             )
 
 
+def cam_batchable(spec: AnyJobSpec, uploads: int, settings: Settings) -> bool:
+    """Whether a job may share a worker's forward pass with other CAM jobs: intact-only CAMs
+    (no damage, no retraining: those change the weights) of at most one batch of uploaded
+    images. Which jobs actually share one — same model, same options — the worker decides."""
+    return (
+        isinstance(spec, CamJobSpec)
+        and spec.damage is None
+        and spec.retrain is None
+        and spec.images is None
+        and 0 < uploads <= settings.cam_batch_max_size
+    )
+
+
 def _check_transfer(check: _Checker, spec: TransferJobSpec) -> None:
     """The model and target dataset must meet through the mapping (one is UC Merced, the other
     AID), and fine-tuning must start from the model and keep test images."""

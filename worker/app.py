@@ -6,15 +6,25 @@ Process signals:
 
 * ``worker_init`` (main process, before consuming): create the data folders; in the embedded
   deployment, recover the jobs a crash left behind (:mod:`worker.recovery`).
-* ``worker_process_init`` (each pool process, after the fork): choose the compute device.
-  This is the first place CUDA may be touched.
+* ``celeryd_after_setup`` (main process, after ``--queues`` applied): consume the queue of
+  batchable CAM jobs too (:mod:`worker.batching`).
+* ``worker_process_init`` (each pool process, after the fork): choose the compute device and
+  the number of torch threads. This is the first place CUDA (or torch at all) may be touched.
 * ``worker_ready`` (main process): start the heartbeat the gateway's ``/readyz`` reads, and
   the periodic deletion of expired jobs (:mod:`service.retention`).
 * ``worker_shutdown`` (main process): stop both.
+
+Thread rule (:func:`core.engine.thread_count`): the cores the worker may use
+(``sched_getaffinity``) divided by the pool's concurrency, at least 1 — ``--concurrency 2`` on
+8 cores gives each prefork child 4 threads, so the pool never has more busy threads than cores.
+``CAMRES_THREADS`` overrides it per process. The parent never imports torch (forked children
+would inherit its OpenMP state); with the threads pool, whose tasks share the parent, the
+parent applies the same rule at start-up.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -26,25 +36,56 @@ from service.settings import get_settings
 from worker import runtime
 from worker.recovery import recover_embedded
 
+log = logging.getLogger(__name__)
+
 celery_app: Celery = make_celery(get_settings(), include=("worker.tasks",))
 
 _background: list[runtime.Periodic] = []
+#: Tasks this worker runs at once (its pool's concurrency), read at ``worker_init``; forked
+#: pool processes inherit it.
+_concurrency = 1
 
 
 @signals.worker_init.connect
 def _prepare(sender: Any = None, **_: Any) -> None:
     # Before the consumer starts: the embedded broker's folders must exist, and a job this
     # worker starts must not be mistaken for one its previous run left behind.
+    global _concurrency
     settings = get_settings()
     settings.ensure_dirs()
+    concurrency = getattr(sender, "concurrency", None)
+    _concurrency = concurrency if isinstance(concurrency, int) and concurrency > 0 else 1
+    if "thread" in str(getattr(sender, "pool_cls", "")).lower():
+        _apply_threads()
     name = getattr(sender, "hostname", None)
     if settings.embedded and name:
         recover_embedded(runtime.services().store, settings, name)
 
 
+@signals.celeryd_after_setup.connect
+def _consume_batch_queue(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    # A worker that serves CAM jobs also serves the batchable ones (service.queue.send_job
+    # routes them to their own queue), whatever its --queues say, so batching needs no change
+    # to how workers are started. The queue is consumed even with batching off here: a
+    # gateway with it on must still find a worker for those jobs.
+    settings = get_settings()
+    queues = instance.app.amqp.queues
+    selected = queues.consume_from  # None: every declared queue, the batch queue included
+    if selected is not None and settings.queue_for("cam") in selected:
+        queues.select_add(settings.cam_batch_queue)
+
+
 @signals.worker_process_init.connect
 def _init_process(**_: Any) -> None:
     runtime.select_device(get_settings().device)
+    _apply_threads()
+
+
+def _apply_threads() -> None:
+    from core.engine import THREADS_ENV, apply_thread_policy  # torch: not in the parent
+
+    threads = apply_thread_policy(_concurrency, os.environ.get(THREADS_ENV))
+    log.info("worker process %d: %d torch threads", os.getpid(), threads)
 
 
 @signals.worker_ready.connect

@@ -43,6 +43,7 @@ from service.schemas import (
 from service.store import JobError
 from worker import loading, sweep_fanout
 from worker.app import celery_app
+from worker.batching import SharedForward, run_batch
 from worker.runtime import JobBody, JobContext, current_device, run_job, services
 
 
@@ -75,11 +76,18 @@ def write_json(ctx: JobContext, name: str, data: Any) -> Path:
 # --- cam -----------------------------------------------------------------------------------------
 @celery_app.task(name=task_name("cam"), base=JobTask, bind=True)
 def cam(self: Task, job_id: str) -> dict[str, Any]:
-    """CAMs and HAR boxes of a job's images."""
+    """CAMs and HAR boxes of a job's images; from the batch queue, with the batchable jobs
+    waiting there, in shared forward passes (:mod:`worker.batching`)."""
+    settings = services().settings
+    arrived = (self.request.delivery_info or {}).get("routing_key")
+    if settings.cam_batching and arrived == settings.cam_batch_queue:
+        worker = self.request.hostname or "worker"
+        return run_batch(self.app, settings, worker, job_id, run_cam)
     return _run(self, job_id, run_cam)
 
 
-def run_cam(ctx: JobContext) -> dict[str, Any]:
+def run_cam(ctx: JobContext, shared: SharedForward | None = None) -> dict[str, Any]:
+    """The job's CAMs; with ``shared``, an intact-only job's pass is its batch's."""
     spec = CamJobSpec.model_validate(ctx.spec)
     if spec.images is not None:
         images = loading.dataset_images(
@@ -95,16 +103,20 @@ def run_cam(ctx: JobContext) -> dict[str, Any]:
     # (retraining), so the next job finds it intact. It was loaded onto this process's device:
     # no device argument, which would walk every module to move it there again.
     model, checkpoint = loading.cached(ctx, spec.model)
-    conditions = explain_conditions(
-        model,
-        checkpoint.meta,
-        images,
-        spec.cam,
-        damage=spec.damage,
-        retrain_plan=plan,
-        progress=ctx.progress,
-        should_stop=ctx.should_stop,
-    )
+    if shared is not None and spec.damage is None and plan is None:
+        intact = shared(ctx, spec.model, model, checkpoint.meta, images, spec.cam)
+        conditions = ConditionsResult(explanations={"intact": intact})
+    else:
+        conditions = explain_conditions(
+            model,
+            checkpoint.meta,
+            images,
+            spec.cam,
+            damage=spec.damage,
+            retrain_plan=plan,
+            progress=ctx.progress,
+            should_stop=ctx.should_stop,
+        )
     entries = []
     for index, (name, image) in enumerate(images):
         results = {

@@ -38,7 +38,13 @@ from service.store import (
     JobStatus,
     TooManyJobsError,
 )
-from service.submission import check_references, spec_document, store_images, strict_json
+from service.submission import (
+    cam_batchable,
+    check_references,
+    spec_document,
+    store_images,
+    strict_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +122,8 @@ def create_job(
         shutil.rmtree(inputs, ignore_errors=True)
         raise
     try:
-        send_job(celery, settings, job_id, job_spec.kind)
+        batchable = cam_batchable(job_spec, len(uploads), settings)
+        send_job(celery, settings, job_id, job_spec.kind, batchable=batchable)
     except Exception as exc:  # any broker failure: the job must not stay queued forever
         log.exception("cannot queue job %s", job_id)
         store.finish(job_id, "failed", error=JobError(type="BrokerError", message=str(exc)))
@@ -179,7 +186,8 @@ def list_artifacts(
     job_id: str, store: StoreDep, settings: SettingsDep, principal: PrincipalDep
 ) -> ArtifactList:
     """Files the job wrote so far (overlays, raw maps, JSON results, checkpoints); a running
-    sweep's ``sweep_cells.jsonl`` holds the rows of the cells finished so far."""
+    sweep's ``sweep_cells.jsonl`` (``sweep_cells.<part>.jsonl`` per part when it is split
+    across workers) holds the rows of the cells finished so far."""
     _get_record(store, job_id, principal)
     folder = _artifact_dir(settings, job_id)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []

@@ -1,0 +1,295 @@
+"""Micro-batching of CAM jobs (worker/batching.py): which jobs may share a forward pass, how a
+leader takes them from the batch queue of a real broker (the embedded filesystem one, and
+Redis), and that a batched job ends exactly as it would alone — its own record, progress,
+artifacts and result — while a bad or cancelled job in a batch ends alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from celery import Celery
+from fastapi.testclient import TestClient
+
+from core.cam_options import CamOptions
+from service.app import create_app
+from service.queue import make_celery, send_job
+from service.schemas import CamJobSpec
+from service.settings import Settings
+from service.store import JobRecord
+from service.submission import MANIFEST, Manifest, cam_batchable
+from tests.service.support import (
+    TINY_CLASSES,
+    Api,
+    log_tail,
+    start_process,
+    stop_process,
+    ucm_images,
+    worker_command,
+)
+from tests.worker.test_tasks import submit
+from worker import batching, runtime, tasks
+
+WORKER = "test@batch"
+
+
+@pytest.fixture
+def model_id(svc: runtime.WorkerServices, tiny_checkpoint: Path) -> str:
+    copy = svc.models.new_tmp_path()
+    shutil.copyfile(tiny_checkpoint, copy)
+    return svc.models.add(copy)[0].id
+
+
+@pytest.fixture
+def app(svc: runtime.WorkerServices) -> Iterator[Celery]:
+    """A Celery app on this test's embedded broker folder."""
+    celery = make_celery(svc.settings)
+    yield celery
+    batching._forget_broker()
+    celery.close()
+
+
+@pytest.fixture(scope="module")
+def images(ucm_dir: Path) -> list[Path]:
+    """Four real UC Merced images of different classes."""
+    picked = ucm_images(ucm_dir, TINY_CLASSES, 2)
+    return [paths[i] for i in range(2) for paths in picked.values()][:4]
+
+
+def cam_spec(model: str, **options: Any) -> dict[str, Any]:
+    return {"kind": "cam", "model": model, "cam": options}
+
+
+def queue_jobs(app: Celery, svc: runtime.WorkerServices, specs: list[tuple[dict, Path]]) -> list:
+    """Create the jobs and send them to the batch queue, as the gateway does."""
+    ids = []
+    for spec, image in specs:
+        job_id = submit(svc, spec, [image])
+        send_job(app, svc.settings, job_id, "cam", batchable=True)
+        ids.append(job_id)
+    return ids
+
+
+def record(svc: runtime.WorkerServices, job_id: str) -> JobRecord:
+    found = svc.store.get(job_id)
+    assert found is not None
+    return found
+
+
+# --- which jobs are batched ----------------------------------------------------------------------
+def test_only_intact_uploaded_cams_within_the_size_are_batchable() -> None:
+    settings = Settings(cam_batch_max_size=4)
+
+    def spec(**extra: Any) -> CamJobSpec:
+        return CamJobSpec.model_validate({"kind": "cam", "model": "m", **extra})
+
+    assert cam_batchable(spec(), 1, settings)
+    assert cam_batchable(spec(cam={"top_k": 3}), 4, settings)
+    assert not cam_batchable(spec(), 5, settings)  # over one forward pass
+    assert not cam_batchable(spec(damage={"targets": ["D4"], "fraction": 0.5}), 1, settings)
+    assert not cam_batchable(spec(images={"dataset": "d"}), 0, settings)
+
+
+def test_jobs_share_a_pass_only_with_equal_model_and_options() -> None:
+    key = batching.batch_key("sha256:a", CamOptions())
+    assert key == batching.batch_key("sha256:a", CamOptions(top_k=1))
+    assert key != batching.batch_key("sha256:b", CamOptions())
+    assert key != batching.batch_key("sha256:a", CamOptions(top_k=2))
+    assert key != batching.batch_key("sha256:a", CamOptions(har_threshold=0.3))
+
+
+def test_batchable_jobs_go_to_the_batch_queue_unless_batching_is_off(tmp_path: Path) -> None:
+    for batching_on, suffix in ((True, "gpu-batch"), (False, "gpu")):
+        settings = Settings(data_dir=tmp_path / str(batching_on), cam_batching=batching_on)
+        settings.ensure_dirs()
+        app = make_celery(settings)
+        send_job(app, settings, "one", "cam", batchable=True)
+        send_job(app, settings, "two", "cam")
+        app.close()
+        names = sorted(p.name.rsplit(".", 2)[1] for p in (settings.broker_dir / "queue").iterdir())
+        assert names == sorted([suffix, "gpu"])
+
+
+# --- taking jobs from the queue ------------------------------------------------------------------
+def test_drain_takes_at_most_the_limit_and_waits_at_most_the_wait(
+    app: Celery, svc: runtime.WorkerServices
+) -> None:
+    queue = svc.settings.cam_batch_queue
+    for i in range(5):
+        send_job(app, svc.settings, f"job-{i}", "cam", batchable=True)
+    taken = batching.drain(app, queue, 3, wait=10.0)  # the limit ends it, not the wait
+    assert [m.headers["id"] for m in taken] == ["job-0", "job-1", "job-2"]
+    started = time.monotonic()
+    rest = batching.drain(app, queue, 10, wait=0.2)
+    waited = time.monotonic() - started
+    assert [m.headers["id"] for m in rest] == ["job-3", "job-4"]
+    assert 0.2 <= waited < 2.0
+    batching.acknowledge(taken + rest)
+    assert batching.drain(app, queue, 10, wait=0.0) == []
+
+
+def test_drained_messages_come_back_unless_acknowledged(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Redis: a leader that dies (its connection gone) before acking loses no job."""
+    settings = Settings(data_dir=tmp_path / "var", broker_url=redis_url, redis_prefix=redis_prefix)
+    app = make_celery(settings)
+    try:
+        for i in range(2):
+            send_job(app, settings, f"job-{i}", "cam", batchable=True)
+        taken = batching.drain(app, settings.cam_batch_queue, 5, wait=0.05)
+        assert len(taken) == 2
+        batching._forget_broker()  # as the connection of a dead process: nothing acked
+        again = batching.drain(app, settings.cam_batch_queue, 5, wait=0.05)
+        assert sorted(m.headers["id"] for m in again) == ["job-0", "job-1"]
+        batching.acknowledge(again)
+        batching._forget_broker()
+        assert batching.drain(app, settings.cam_batch_queue, 5, wait=0.05) == []
+    finally:
+        batching._forget_broker()
+        app.close()
+
+
+# --- batched jobs end as they would alone --------------------------------------------------------
+def artifact_files(svc: runtime.WorkerServices, job_id: str) -> list[str]:
+    return sorted(p.name for p in (svc.settings.artifacts_dir / job_id).iterdir())
+
+
+def assert_same_result(a: Any, b: Any, path: str = "result") -> None:
+    """Equal JSON, floats up to float32 tolerance (a batch of 4 may take other kernels)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_result(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_result(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_batched_jobs_match_their_unbatched_runs(
+    app: Celery, svc: runtime.WorkerServices, model_id: str, images: list[Path]
+) -> None:
+    two = cam_spec(model_id, top_k=2)
+    specs = [(two, image) for image in images[:3]] + [(cam_spec(model_id), images[3])]
+    ids = queue_jobs(app, svc, specs)
+    leader, drained = ids[0], ids[1:]
+    # The leader's message was taken by Celery; the others wait in the queue.
+    assert batching.drain(app, svc.settings.cam_batch_queue, 1, 0.0)[0].headers["id"] == leader
+    summary = batching.run_batch(app, svc.settings, WORKER, leader, tasks.run_cam)
+    assert summary == {"job": leader, "batch_jobs": 4}
+
+    alone = [submit(svc, spec, [image]) for spec, image in specs]
+    for job_id in alone:
+        assert tasks.cam.apply(args=[job_id]).get()["status"] == "succeeded"
+
+    for batched, single in zip(ids, alone, strict=True):
+        got, want = record(svc, batched), record(svc, single)
+        assert got.status == "succeeded", got.error
+        assert got.worker == WORKER
+        assert got.attempts == 1
+        assert_same_result(got.result, want.result)
+        assert artifact_files(svc, batched) == artifact_files(svc, single)
+        for npy in (n for n in artifact_files(svc, batched) if n.endswith(".npy")):
+            np.testing.assert_allclose(
+                np.load(svc.settings.artifacts_dir / batched / npy),
+                np.load(svc.settings.artifacts_dir / single / npy),
+                rtol=1e-4,
+                atol=1e-5,
+            )
+        stored = json.loads((svc.settings.artifacts_dir / batched / "result.json").read_text())
+        assert stored == got.result
+        assert got.progress.fraction == 1.0
+        assert got.progress.stage == "intact"
+        assert want.progress.metrics == {}
+    # Same model and options: one pass of three images; other options: a pass of its own.
+    for job_id in ids[:3]:
+        assert record(svc, job_id).progress.metrics == {"batch_size": 3, "batch_jobs": 3}
+    assert record(svc, ids[3]).progress.metrics == {"batch_size": 1, "batch_jobs": 1}
+    # Every drained message was acknowledged: nothing comes back.
+    assert drained
+    assert batching.drain(app, svc.settings.cam_batch_queue, 10, 0.0) == []
+
+
+def test_a_bad_or_cancelled_job_ends_alone(
+    app: Celery, svc: runtime.WorkerServices, model_id: str, images: list[Path]
+) -> None:
+    spec = cam_spec(model_id)
+    ids = queue_jobs(app, svc, [(spec, image) for image in images])
+    leader, missing, nameless, cancelled = ids
+    batching.drain(app, svc.settings.cam_batch_queue, 1, 0.0)
+    # Inputs the worker cannot read: fails before the pass.
+    (svc.settings.uploads_dir / missing / MANIFEST).unlink()
+    # An image the engine refuses: the shared pass fails, every job then runs its own.
+    manifest_path = svc.settings.uploads_dir / nameless / MANIFEST
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
+    manifest.images[0].name = "   "
+    manifest_path.write_text(manifest.model_dump_json())
+    svc.store.request_cancel(cancelled)
+
+    batching.run_batch(app, svc.settings, WORKER, leader, tasks.run_cam)
+
+    assert record(svc, leader).status == "succeeded", record(svc, leader).error
+    assert record(svc, leader).result["images"][0]["image"] == images[0].name  # type: ignore[index]
+    assert record(svc, leader).progress.metrics == {}  # after the failed pass, its own
+    failed = record(svc, missing)
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert (failed.error.type, failed.error.field) == ("DatasetError", "images")
+    refused = record(svc, nameless)
+    assert refused.status == "failed"
+    assert refused.error is not None
+    assert (refused.error.type, refused.error.field) == ("InputError", "images")
+    assert record(svc, cancelled).status == "cancelled"
+    assert batching.drain(app, svc.settings.cam_batch_queue, 10, 0.0) == []
+
+
+# --- a real worker -------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_worker_on_redis_runs_concurrent_jobs_as_one_batch(
+    tmp_path: Path,
+    redis_url: str,
+    redis_prefix: str,
+    tiny_checkpoint: Path,
+    images: list[Path],
+) -> None:
+    jobs = 6
+    # A long wait makes the batch deterministic: the leader stops once all others are taken.
+    env = {"broker_url": redis_url, "redis_prefix": redis_prefix, "heartbeat_interval": 1.0}
+    batch_env = {"cam_batch_wait_ms": 5000, "cam_batch_max_size": jobs}
+    settings = Settings(data_dir=tmp_path / "var", **env, **batch_env)  # type: ignore[arg-type]
+    log = tmp_path / "worker.log"
+    worker = start_process(
+        worker_command(f"{redis_prefix}@%h"), log, data_dir=settings.data_dir, **env, **batch_env
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            api = Api(client, log)
+            api.ready()
+            model = api.upload_model(tiny_checkpoint)
+            sent = [images[i % len(images)] for i in range(jobs)]
+            ids = [api.submit({"kind": "cam", "model": model}, [image]) for image in sent]
+            for job_id, image in zip(ids, sent, strict=True):
+                job = api.finished(job_id)
+                assert job["status"] == "succeeded", f"{job}\n{log_tail(log)}"
+                [entry] = job["result"]["images"]
+                assert entry["image"] == image.name
+                assert job["progress"]["metrics"] == {"batch_size": jobs, "batch_jobs": jobs}
+                names = {
+                    a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+                }
+                assert entry["conditions"]["intact"]["cams"][0]["artifacts"]["overlay"] in names
+        assert f"batched CAM pass: {jobs} jobs, {jobs} images" in log.read_text()
+        assert worker.poll() is None, log_tail(log)
+    finally:
+        stop_process(worker)
