@@ -4,7 +4,12 @@ CPU-sized scale).
 1. Train ResNet-18 from scratch at 128 px on the 14 UC Merced classes shared with AID
    (``ucm_aid_classes.json``), plain 30-epoch SGD (momentum 0.9, weight decay 5e-4, cosine
    learning rate from 0.05, label smoothing 0.1, D4 flips and rotations) on a stratified
-   80/20 train/test split; report the held-out test accuracy (target ≥ 88%).
+   70/10/20 train/validation/test split, keeping the epoch with the best validation accuracy;
+   report the held-out test accuracy (target ≥ 88%).
+
+   Protocol: the recipe was fixed on split seed 0, where three tries were scored on that
+   split's test images; the default split seed is 1, which took no part in that choice, and
+   only validation images pick the epoch, so the test accuracy is an unbiased estimate.
 2. For each location D1–D4 separately, damage 50% of the weights of the first convolution of
    every block of that stage (stuck at zero, paper §3.2) and report the test accuracy.
 3. Masked retraining for 3 epochs (only undamaged weights learn; the training loss, cosine
@@ -35,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import recipe  # noqa: E402
 from core.checkpoint import load_model  # noqa: E402
 from core.damage import apply_damage, retrain, verify_damage  # noqa: E402
 from core.damage_spec import DamageSpec  # noqa: E402
@@ -83,10 +89,9 @@ def main() -> None:
 
     # Retraining continues the training recipe (same loss) at a fine-tuning learning rate.
     smoothing = ckpt.meta.lineage[-1].params["config"]["label_smoothing"]
-    retrain_config = TrainConfig(
-        epochs=args.retrain_epochs, batch_size=32, lr=args.retrain_lr, seed=args.seed,
-        label_smoothing=smoothing, device="cpu",
-    )  # fmt: skip
+    retrain_config = recipe.retrain_config(
+        epochs=args.retrain_epochs, lr=args.retrain_lr, label_smoothing=smoothing, seed=args.seed
+    )
     partial = _load_partial(ckpt.digest, retrain_config)
     for location in args.locations:
         if location not in partial["locations"]:
@@ -107,14 +112,22 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=0.0,
-        help="validation share of the images (0: train on all 80%% not held out for testing)",
+        default=0.1,
+        help="validation share of the images, which picks the epoch kept (0: none)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="epochs without a better validation accuracy before stopping "
+        "(default: the epoch count, i.e. run them all and restore the best)",
     )
     parser.add_argument("--retrain-epochs", type=int, default=3)
     parser.add_argument("--retrain-lr", type=float, default=0.005)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--locations", nargs="+", default=["D1", "D2", "D3", "D4"])
-    parser.add_argument("--seed", type=int, default=0)
+    # Split seed 1: seed 0's test images took part in choosing the recipe (see the docstring).
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args()
 
@@ -146,10 +159,9 @@ def _trained(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
             info = {"checkpoint": str(CHECKPOINT.relative_to(REPO)), "digest": ckpt.digest,
                     "provenance": ckpt.meta.provenance}  # fmt: skip
         return {**info, "reused": True}
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=32, lr=args.lr, momentum=0.9, weight_decay=5e-4,
-        schedule="cosine", label_smoothing=args.label_smoothing, seed=args.seed,
-        input_size=128, val_fraction=args.val_fraction, test_fraction=0.2, device="cpu",
+    config = recipe.train_config(
+        epochs=args.epochs, lr=args.lr, label_smoothing=args.label_smoothing,
+        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
     )  # fmt: skip
     _log(f"training resnet18 from scratch: {config.model_dump_json()}")
     started = time.perf_counter()
