@@ -90,9 +90,13 @@ def test_damage_on_a_channels_last_model_is_the_same_damage(model: nn.Module) ->
 
 
 def test_masked_retraining_on_a_channels_last_model(model: nn.Module) -> None:
+    # float64: a random network in train mode (batch-norm over 6 images) amplifies the float32
+    # rounding differences of NHWC and NCHW kernels (they sum in another order, and differently
+    # with 1 or 2 threads) far beyond any tolerance; in float64 they stay at ~1e-12.
+    model = model.double()
     nhwc = prepare_for_inference(copy.deepcopy(model))
     spec = DamageSpec(targets=["D1", "D3"], fraction=0.5, seed=1)
-    x = torch.randn(6, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(6, 3, 48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     updated = []
     for net in (model, nhwc):
@@ -100,14 +104,14 @@ def test_masked_retraining_on_a_channels_last_model(model: nn.Module) -> None:
         net.train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
         with hold_damage(net, damage.masks, optimizer):
-            # One step: a random network in train mode (batch-norm over 6 images) amplifies the
-            # rounding differences of NHWC kernels over further steps, which proves nothing.
-            nn.functional.cross_entropy(net(x), y).backward()
-            optimizer.step()
+            for _ in range(3):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(net(x), y).backward()
+                optimizer.step()
         assert damage.verify().ok  # every damaged weight still exactly at its fault value
         updated.append(dict(net.named_parameters()))
     for name, param in updated[0].items():
-        torch.testing.assert_close(updated[1][name], param, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(updated[1][name], param, rtol=1e-7, atol=1e-9)
     assert is_channels_last(nhwc)  # the optimizer kept the layout
 
 
