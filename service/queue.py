@@ -92,6 +92,10 @@ def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
         worker_enable_remote_control=not settings.embedded,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # After a pool process dies Celery waits this long for a result it may have sent before
+        # requeueing its task. Results live in the job store (run_job skips a finished job), so
+        # the default 10 s only delays the rerun of every killed job.
+        worker_lost_wait=2.0,
         timezone="UTC",
         enable_utc=True,
     )
