@@ -20,12 +20,21 @@ path runs (``worker.tasks.run_cam``). Only the ``intact`` forward is shared (:cl
 
 Guarantees, the same as one job per task:
 
-* nothing is lost on a crash: taken messages are acknowledged only after their jobs are
-  finished in the store. On Redis an unacknowledged message is in kombu's unacked set and comes
-  back after the visibility timeout (as the task of a vanished worker does); in embedded mode
-  a job left ``running`` or ``queued`` without a message is sent again at the worker's next
-  start (:mod:`worker.recovery`). A job that finished before a crash is not run twice:
-  ``run_job`` skips a finished job.
+* nothing is lost or left waiting on a crash: the leader records each job as it takes it, as
+  a member of its own job's batch in the store (:mod:`worker.batch_members`), and acknowledges
+  its message at once — the store answers for the job from then on, and the leader's own
+  message (acks_late, requeued at once when its pool process dies) for the batch. A leader
+  delivered again runs the members it recorded that are not finished, as a batch, before
+  anything else and without taking more; a hard time limit fails them with the leader
+  (``JobTask.on_failure``). Acknowledging at once, rather than once the jobs finish, means no
+  member message comes back after Redis's visibility timeout to run a second time beside the
+  leader's rerun (a whole worker lost on Redis). A leader whose own job is not running records
+  nobody and takes nobody (a message taken then goes back to the queue). Only a message taken
+  by a process that dies before the store write (milliseconds) waits, as any unacknowledged
+  task does: Redis's visibility timeout, or the worker's next start (:mod:`worker.recovery`)
+  in embedded mode. A job that finished before a crash is not run twice (``run_job`` skips a
+  finished job), and a member that kills its process every time fails after ``max_attempts``
+  like any job.
 * a failing job fails alone: a job whose inputs cannot be read fails before it joins; a
   shared pass that raises is retried job by job (each job's own pass, as unbatched), so only
   the job at fault fails.
@@ -67,7 +76,8 @@ from core.progress import Progress, check_stop
 from core.resilience import explain_conditions
 from service.queue import task_name
 from service.settings import Settings
-from worker.runtime import JobContext, run_job
+from worker import batch_members
+from worker.runtime import JobContext, run_job, services
 
 if TYPE_CHECKING:
     from torch import nn
@@ -131,10 +141,17 @@ def _forget_broker() -> None:
     _connection = None
 
 
-def drain(app: Celery, queue: str, limit: int, wait: float) -> list[Message]:
+def drain(
+    app: Celery,
+    queue: str,
+    limit: int,
+    wait: float,
+    take: Callable[[Message], bool] | None = None,
+) -> list[Message]:
     """Up to ``limit`` CAM task messages from ``queue``, taken within ``wait`` seconds (sooner
-    when ``limit`` is reached), unacknowledged: the caller acks each once its job is finished.
-    A broker error ends the wait with what was taken (the leader's own job still runs)."""
+    when ``limit`` is reached). ``take`` sees each as it is taken: False puts it back and ends
+    the wait. The messages are not acknowledged here (``take`` or the caller acks them). A
+    broker error ends the wait with what was taken (the leader's own job still runs)."""
     if limit <= 0:
         return []
     deadline = time.monotonic() + wait
@@ -155,6 +172,9 @@ def drain(app: Celery, queue: str, limit: int, wait: float) -> list[Message]:
                 # Not ours to run here (sent by hand?): back to the queue for a normal worker.
                 log.warning("put back a non-CAM message found in %s", queue)
                 message.requeue()
+            elif take is not None and not take(message):
+                message.requeue()  # for another leader
+                break
             else:
                 taken.append(message)
     except (*conn.connection_errors, *conn.channel_errors):
@@ -335,29 +355,42 @@ def run_batch(
     app: Celery, settings: Settings, worker: str, leader: str, body: BatchBody
 ) -> dict[str, Any]:
     """Run job ``leader`` and the batchable jobs that arrive within the wait, each through
-    :func:`run_job` with ``body``; acknowledge the drained ones once all are finished."""
+    :func:`run_job` with ``body``, recording each in the leader's batch as it is taken; or, when
+    the leader is delivered again after its process died, the members it recorded."""
+    store = services().store
     batch = Batch(settings.cam_batch_max_size)
     threads: list[threading.Thread] = []
+    claimed = threading.Event()
 
-    def start(job_id: str) -> None:
+    def start(job_id: str, started: threading.Event | None = None) -> None:
         batch.join(job_id)
         thread = threading.Thread(
-            target=_member, args=(batch, job_id, worker, body), name=f"camres-job-{job_id}"
+            target=_member,
+            args=(batch, job_id, worker, body, started),
+            name=f"camres-job-{job_id}",
         )
         thread.start()
         threads.append(thread)
 
-    messages: list[Message] = []
-    start(leader)  # its inputs load while the leader waits for company
+    def take(message: Message) -> bool:
+        job_id = str(_job_id(message))
+        if not batch_members.record(store, leader, job_id, worker):
+            return False
+        acknowledge([message])  # the store answers for the job now
+        start(job_id)
+        return True
+
+    again = batch_members.unfinished(store, leader)
+    start(leader, claimed)  # its inputs load while the leader waits for company
     try:
-        messages = drain(
-            app,
-            settings.cam_batch_queue,
-            settings.cam_batch_max_size - 1,
-            settings.cam_batch_wait_ms / 1000,
-        )
-        for message in messages:
-            start(str(_job_id(message)))
+        if again is not None:
+            log.warning("job %s leads its batch again: %s", leader, ", ".join(again) or "done")
+            for job_id in again:
+                start(job_id)
+        else:
+            claimed.wait()  # members are recorded under the leader's job: it must run first
+            limit = settings.cam_batch_max_size - 1
+            drain(app, settings.cam_batch_queue, limit, settings.cam_batch_wait_ms / 1000, take)
         batch.close()
         batch.run(batch.collect())
     except Exception as exc:  # e.g. the soft time limit: every job still waiting fails with it
@@ -366,14 +399,22 @@ def run_batch(
         batch.close()
         for thread in threads:
             thread.join()
-        acknowledge(messages)
     return {"job": leader, "batch_jobs": len(threads)}
 
 
-def _member(batch: Batch, job_id: str, worker: str, body: BatchBody) -> None:
+def _member(
+    batch: Batch, job_id: str, worker: str, body: BatchBody, started: threading.Event | None
+) -> None:
+    def run(ctx: JobContext) -> dict[str, Any]:
+        if started is not None:
+            started.set()  # the job is running in the store
+        return body(ctx, batch.forward)
+
     try:
-        run_job(job_id, worker, lambda ctx: body(ctx, batch.forward))
+        run_job(job_id, worker, run)
     except Exception:  # the store failed under run_job; the job stays for recovery
         log.exception("job %s of a batch could not be run", job_id)
     finally:
+        if started is not None:
+            started.set()  # skipped, refused or failed before its body: the leader goes on
         batch.end(job_id)

@@ -41,7 +41,7 @@ from service.schemas import (
     TransferJobSpec,
 )
 from service.store import JobError
-from worker import loading, sweep_fanout
+from worker import batch_members, loading, sweep_fanout
 from worker.app import celery_app
 from worker.batching import SharedForward, run_batch
 from worker.runtime import JobBody, JobContext, current_device, run_job, services
@@ -52,7 +52,8 @@ class JobTask(Task):
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         # run_job records every error a task body raises; what reaches here is the pool
-        # killing the process at the hard time limit, reported in the main process.
+        # killing the process at the hard time limit, reported in the main process. The task's
+        # message is acknowledged then, so the jobs of a batch it led end with it.
         if isinstance(exc, TimeLimitExceeded) and args:
             svc = services()
             limit = svc.settings.task_time_limit
@@ -60,6 +61,7 @@ class JobTask(Task):
                 type="TimeLimitExceeded", message=f"the job was stopped after {limit} s"
             )
             svc.store.finish(args[0], "failed", error=error)
+            batch_members.fail(svc.store, args[0], error)
 
 
 def _run(task: Task, job_id: str, body: JobBody) -> dict[str, Any]:

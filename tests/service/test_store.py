@@ -447,8 +447,10 @@ def test_parts_are_started_counted_and_finished_idempotently(store: JobStore) ->
     assert record is not None
     assert record.progress.fraction == 1.0
     assert record.progress.metrics["parts_done"] == 2
-    # A finished job's parts are frozen, and leave with the job.
+    # A finished job's parts are frozen, readable (a batch leader delivered again reads its
+    # members: worker/batch_members.py), and leave with the job.
     assert store.finish("a", "succeeded", result={})
+    assert store.parts("a") == done
     assert store.start_part("a", "p0", "w3") is None
     assert store.finish_part("a", "p1") is None
     assert store.delete("a")

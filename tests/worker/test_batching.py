@@ -6,7 +6,9 @@ artifacts and result — while a bad or cancelled job in a batch ends alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from celery import Celery
+from celery.exceptions import TimeLimitExceeded
 from fastapi.testclient import TestClient
 
 from core.cam_options import CamOptions
@@ -28,13 +31,15 @@ from tests.service.support import (
     TINY_CLASSES,
     Api,
     log_tail,
+    pool_processes,
     start_process,
     stop_process,
     ucm_images,
+    wait_for,
     worker_command,
 )
 from tests.worker.test_tasks import submit
-from worker import batching, runtime, tasks
+from worker import batch_members, batching, runtime, tasks
 
 WORKER = "test@batch"
 
@@ -216,7 +221,9 @@ def test_batched_jobs_match_their_unbatched_runs(
     for job_id in ids[:3]:
         assert record(svc, job_id).progress.metrics == {"batch_size": 3, "batch_jobs": 3}
     assert record(svc, ids[3]).progress.metrics == {"batch_size": 1, "batch_jobs": 1}
-    # Every drained message was acknowledged: nothing comes back.
+    # Every drained message was recorded in the leader's batch and acknowledged: nothing
+    # comes back.
+    assert sorted(batch_members.members(svc.store, leader)) == sorted(drained)
     assert drained
     assert batching.drain(app, svc.settings.cam_batch_queue, 10, 0.0) == []
 
@@ -252,6 +259,86 @@ def test_a_bad_or_cancelled_job_ends_alone(
     assert (refused.error.type, refused.error.field) == ("InputError", "images")
     assert record(svc, cancelled).status == "cancelled"
     assert batching.drain(app, svc.settings.cam_batch_queue, 10, 0.0) == []
+
+
+# --- a leader's process dies, or its time runs out ----------------------------------------------
+def test_a_leader_delivered_again_runs_its_unfinished_members_first(
+    app: Celery, svc: runtime.WorkerServices, model_id: str, images: list[Path]
+) -> None:
+    """As after a SIGKILL mid-batch: the leader and two members running (their messages gone),
+    one member finished; the leader's task comes back."""
+    spec = cam_spec(model_id)
+    ids = queue_jobs(app, svc, [(spec, image) for image in [*images, images[0]]])
+    leader, *members, late = ids
+    running, finished = members[:2], members[2]
+    # Attempt 1, up to the crash: the leader took its company, recorded and acked it.
+    queue = svc.settings.cam_batch_queue
+    assert batching.drain(app, queue, 1, 0.0)[0].headers["id"] == leader
+    assert svc.store.start(leader, WORKER) is not None
+    for job_id in members:
+        assert batch_members.record(svc.store, leader, job_id, WORKER)
+        assert svc.store.start(job_id, WORKER) is not None
+    batching.acknowledge(batching.drain(app, queue, len(members), 0.0))
+    svc.store.finish(finished, "succeeded", result={"done": "before the crash"})
+
+    summary = batching.run_batch(app, svc.settings, WORKER, leader, tasks.run_cam)
+
+    assert summary == {"job": leader, "batch_jobs": 3}  # the leader and its two unfinished
+    for job_id in (leader, *running):
+        got = record(svc, job_id)
+        assert got.status == "succeeded", got.error
+        assert got.attempts == 2
+        assert got.progress.metrics == {"batch_size": 3, "batch_jobs": 3}
+    assert record(svc, finished).result == {"done": "before the crash"}
+    assert record(svc, finished).attempts == 1
+    # Delivered again, the leader takes nobody new: the late job waits for its own leader.
+    assert record(svc, late).status == "queued"
+    assert [m.headers["id"] for m in batching.drain(app, queue, 10, 0.0)] == [late]
+
+
+def test_a_leader_whose_job_does_not_run_takes_nobody(
+    app: Celery, svc: runtime.WorkerServices, model_id: str, images: list[Path]
+) -> None:
+    spec = cam_spec(model_id)
+    leader, *others = queue_jobs(app, svc, [(spec, image) for image in images[:3]])
+    queue = svc.settings.cam_batch_queue
+    batching.drain(app, queue, 1, 0.0)
+    svc.store.request_cancel(leader)  # queued: cancelled at once, never runs
+
+    summary = batching.run_batch(app, svc.settings, WORKER, leader, tasks.run_cam)
+
+    assert summary == {"job": leader, "batch_jobs": 1}
+    assert record(svc, leader).status == "cancelled"
+    assert batch_members.members(svc.store, leader) == []
+    assert [record(svc, job_id).status for job_id in others] == ["queued", "queued"]
+    assert sorted(m.headers["id"] for m in batching.drain(app, queue, 10, 0.0)) == sorted(others)
+
+
+def test_the_hard_time_limit_fails_the_leaders_unfinished_members_too(
+    svc: runtime.WorkerServices, model_id: str, images: list[Path]
+) -> None:
+    spec = cam_spec(model_id)
+    leader, running, waiting, done = (submit(svc, spec, [image]) for image in images)
+    assert svc.store.start(leader, WORKER) is not None
+    for job_id in (running, waiting, done):
+        assert batch_members.record(svc.store, leader, job_id, WORKER)
+    assert svc.store.start(running, WORKER) is not None
+    assert svc.store.start(done, WORKER) is not None
+    svc.store.finish(done, "succeeded", result={})
+
+    # What the worker's main process calls when the pool kills the leader at the hard limit.
+    tasks.cam.on_failure(TimeLimitExceeded(1.0), "task-id", [leader], {}, None)
+
+    limit = svc.settings.task_time_limit
+    for job_id in (leader, running, waiting):
+        got = record(svc, job_id)
+        assert got.status == "failed"
+        assert got.error is not None
+        assert (got.error.type, got.error.message) == (
+            "TimeLimitExceeded",
+            f"the job was stopped after {limit} s",
+        )
+    assert record(svc, done).status == "succeeded"
 
 
 # --- a real worker -------------------------------------------------------------------------------
@@ -290,6 +377,55 @@ def test_worker_on_redis_runs_concurrent_jobs_as_one_batch(
                 }
                 assert entry["conditions"]["intact"]["cams"][0]["artifacts"]["overlay"] in names
         assert f"batched CAM pass: {jobs} jobs, {jobs} images" in log.read_text()
+        assert worker.poll() is None, log_tail(log)
+    finally:
+        stop_process(worker)
+
+
+@pytest.mark.integration
+def test_a_batch_whose_pool_process_is_killed_runs_again_at_once(
+    tmp_path: Path, tiny_checkpoint: Path, images: list[Path]
+) -> None:
+    """Embedded broker, which deletes a message as it delivers it: without the leader's record
+    the members taken by a killed process would wait for the worker's next start."""
+    # The leader waits (up to 10 s) for more jobs than come: the test kills it then, while
+    # every job of the batch runs and waits for the pass.
+    env = {"heartbeat_interval": 1.0, "cam_batch_wait_ms": 10_000, "cam_batch_max_size": 8}
+    settings = Settings(data_dir=tmp_path / "var", **env)  # type: ignore[arg-type]
+    log = tmp_path / "worker.log"
+    worker = start_process(worker_command("crash@%h"), log, data_dir=settings.data_dir, **env)
+    try:
+        with TestClient(create_app(settings)) as client:
+            api = Api(client, log)
+            api.ready(worker)
+            model = api.upload_model(tiny_checkpoint)
+            ids = [api.submit({"kind": "cam", "model": model}, [image]) for image in images]
+            store = client.app.state.camres.store  # type: ignore[attr-defined]
+
+            def all_running() -> bool:
+                jobs = [store.get(job_id) for job_id in ids]
+                assert all(job.attempts <= 1 for job in jobs), jobs
+                return all(job.status == "running" for job in jobs)
+
+            wait_for(all_running, 60, f"the batch to run\n{log_tail(log)}", 0.05)
+            [beat] = store.workers()
+            [child] = pool_processes(beat.info["pid"])
+            os.kill(child, signal.SIGKILL)
+
+            def rerun() -> bool:  # Celery requeues the leader once worker_lost_wait (10 s) ends
+                return any(store.get(job_id).attempts == 2 for job_id in ids)
+
+            wait_for(rerun, 60, f"the leader to run again\n{log_tail(log)}", 0.05)
+            again = time.monotonic()
+            finished = [api.finished(job_id) for job_id in ids]
+            elapsed = time.monotonic() - again
+        for job in finished:
+            assert job["status"] == "succeeded", f"{job}\n{log_tail(log)}"
+            assert job["attempts"] == 2  # the body ran once more, no more
+            assert job["progress"]["metrics"] == {"batch_size": 4, "batch_jobs": 4}
+        # The leader, delivered again, runs its batch at once, without waiting for company.
+        assert elapsed < 8, f"{elapsed:.1f} s\n{log_tail(log)}"
+        assert "leads its batch again" in log.read_text()
         assert worker.poll() is None, log_tail(log)
     finally:
         stop_process(worker)
