@@ -4,12 +4,14 @@ CPU-sized scale).
 1. Train ResNet-18 from scratch at 128 px on the 14 UC Merced classes shared with AID
    (``ucm_aid_classes.json``), plain 30-epoch SGD (momentum 0.9, weight decay 5e-4, cosine
    learning rate from 0.05, label smoothing 0.1, D4 flips and rotations) on a stratified
-   70/10/20 train/validation/test split, keeping the epoch with the best validation accuracy;
-   report the held-out test accuracy (target ≥ 88%).
+   80/20 train/test split, keeping the last epoch; report the held-out test accuracy (target
+   ≥ 88%).
 
    Protocol: the recipe was fixed on split seed 0, where three tries were scored on that
-   split's test images; the default split seed is 1, which took no part in that choice, and
-   only validation images pick the epoch, so the test accuracy is an unbiased estimate.
+   split's test images; on seed 1, ``--val-fraction 0.1`` (a validation split picking the
+   epoch, at the cost of 10 % of the training images) gave 85.4 % (validation 86.4 %). The
+   default split seed is 2, which took no part in either choice, and nothing is chosen on its
+   test images, so their accuracy is an unbiased estimate of this recipe's.
 2. For each location D1–D4 separately, damage 50% of the weights of the first convolution of
    every block of that stage (stuck at zero, paper §3.2) and report the test accuracy.
 3. Masked retraining for 3 epochs (only undamaged weights learn; the training loss, cosine
@@ -112,8 +114,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=0.1,
-        help="validation share of the images, which picks the epoch kept (0: none)",
+        default=0.0,
+        help="validation share of the images, which then picks the epoch kept (0: none)",
     )
     parser.add_argument(
         "--patience",
@@ -126,8 +128,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--retrain-lr", type=float, default=0.005)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--locations", nargs="+", default=["D1", "D2", "D3", "D4"])
-    # Split seed 1: seed 0's test images took part in choosing the recipe (see the docstring).
-    parser.add_argument("--seed", type=int, default=1)
+    # Split seed 2: seeds 0 and 1 took part in choosing the protocol (see the docstring).
+    parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args()
 
