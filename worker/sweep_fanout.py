@@ -40,8 +40,10 @@ its own expiry, keys and failure modes, and it would still leave the job store t
 
 Redelivery: a part whose worker dies is run again from the start (its report is written only
 when complete); a part whose runs keep killing workers fails the job after ``max_attempts``;
-a dispatcher redelivered after sending re-sends the parts not yet done from the stored plan
-(a duplicate run of a part writes the same files). Parts computing on different hardware may
+a dispatcher redelivered after declaring the plan never runs the sweep whole beside it, however
+many workers are live now: it re-sends only the parts no worker has started (their message may
+have been lost with it; a duplicate run of a part writes the same files), as the parts started
+are redelivered by the broker themselves. Parts computing on different hardware may
 differ in the last bits; merged results equal the whole run's on like workers.
 """
 
@@ -190,6 +192,8 @@ def dispatch(job_id: str, worker: str) -> dict[str, Any] | None:
     """Split sweep ``job_id`` into parts and send them; None when it should run whole (not
     worth splitting, or not startable: the whole run then reports why)."""
     svc = services()
+    if svc.store.parts(job_id):  # delivered again: the plan stands
+        return _resend(job_id)
     count = part_count(svc.settings, svc.store)
     if count < 2:
         return None
@@ -212,17 +216,35 @@ def dispatch(job_id: str, worker: str) -> dict[str, Any] | None:
     states = svc.store.declare_parts(job_id, plan_parts(configs))
     if states is None:
         return {"job": job_id, "status": "skipped"}
+    return _send(job_id, states)
+
+
+def _resend(job_id: str) -> dict[str, Any]:
+    """A dispatcher delivered again (its worker died after declaring the plan): send the parts
+    no worker started; a started part's own message is redelivered if its worker dies."""
+    store = services().store
+    record = store.get(job_id)
+    if record is None or record.finished:
+        return {"job": job_id, "status": "skipped"}
+    states = store.parts(job_id)
+    unstarted = {name: s for name, s in states.items() if s.attempts == 0 and not s.done}
+    return _send(job_id, unstarted)
+
+
+def _send(job_id: str, states: dict[str, PartState]) -> dict[str, Any]:
+    svc = services()
     pending = [name for name, state in sorted(states.items(), key=_index) if not state.done]
     queue = svc.settings.queue_for("sweep")
-    try:
-        group(
-            celery_app.signature(PART_TASK, args=(job_id, name), queue=queue, immutable=True)
-            for name in pending
-        ).apply_async()
-    except Exception as exc:  # the broker refused: no part will ever finish the job
-        svc.store.finish(job_id, "failed", error=error_of(exc))
-        raise
-    log.info("sweep %s split into %d parts on %s", job_id, len(states), queue)
+    if pending:
+        try:
+            group(
+                celery_app.signature(PART_TASK, args=(job_id, name), queue=queue, immutable=True)
+                for name in pending
+            ).apply_async()
+        except Exception as exc:  # the broker refused: no part will ever finish the job
+            svc.store.finish(job_id, "failed", error=error_of(exc))
+            raise
+    log.info("sweep %s: sent %d parts on %s", job_id, len(pending), queue)
     return {"job": job_id, "status": "dispatched", "parts": pending}
 
 

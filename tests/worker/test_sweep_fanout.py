@@ -17,6 +17,7 @@ from core.exceptions import InputError
 from core.sweep_report import merge_reports, read_rows_jsonl
 from core.sweep_spec import SweepConfig, SweepReport
 from service.app import create_app
+from service.queue import make_celery
 from service.settings import Settings
 from service.store import JobProgress, open_store
 from service.store.sqlite import SQLiteJobStore
@@ -243,6 +244,36 @@ def test_a_part_that_keeps_losing_its_worker_fails_the_job(
     record = finished(svc, job_id)
     assert record.error is not None
     assert record.error.type == "WorkerLostError"
+
+
+def test_a_dispatcher_delivered_again_sends_only_the_parts_not_started(
+    svc: runtime.WorkerServices,
+    model_id: str,
+    dataset_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its worker died after declaring the plan; now a single worker is live (embedded: one).
+    The sweep must not run whole beside the parts, and the parts running or done must not be
+    sent a second time."""
+    job_id, _ = split_job(svc, sweep_spec(model_id, dataset_id), 3)
+    assert svc.store.start_part(job_id, "p0", "a@host") is not None  # running
+    assert svc.store.start_part(job_id, "p1", "b@host") is not None
+    assert svc.store.finish_part(job_id, "p1") is not None  # done
+    app = make_celery(svc.settings)  # parts go to this test's embedded broker
+    monkeypatch.setattr(sweep_fanout, "celery_app", app)
+    try:
+        summary = tasks.sweep.apply(args=[job_id]).get()
+    finally:
+        app.close()
+
+    assert summary == {"job": job_id, "status": "dispatched", "parts": ["p2"]}
+    sent = [json.loads(f.read_text()) for f in (svc.settings.broker_dir / "queue").iterdir()]
+    assert [(m["headers"]["task"], m["headers"]["argsrepr"]) for m in sent] == [
+        (sweep_fanout.PART_TASK, repr((job_id, "p2")))
+    ]
+    record = finished(svc, job_id)
+    assert (record.status, record.attempts) == ("running", 1)
+    assert not (svc.settings.artifacts_dir / job_id / tasks.CELLS_JSONL).exists()
 
 
 # --- two real workers on a real Redis ----------------------------------------------------------
