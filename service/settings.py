@@ -194,7 +194,10 @@ class Settings(BaseSettings):
         "latency grows by at most this.",
     )
     cam_batch_max_size: int = Field(
-        default=32, ge=1, le=1024, description="Most images in one batched forward pass."
+        default=32,
+        ge=1,
+        le=1024,
+        description="Most one-image jobs, hence images, in one batched forward pass.",
     )
     broker_visibility_timeout: int | None = Field(
         default=None,

@@ -234,14 +234,16 @@ def _check_cam(check: _Checker, spec: CamJobSpec, settings: Settings, uploads: i
 
 def cam_batchable(spec: AnyJobSpec, uploads: int, settings: Settings) -> bool:
     """Whether a job may share a worker's forward pass with other CAM jobs: intact-only CAMs
-    (no damage, no retraining: those change the weights) of at most one batch of uploaded
-    images. Which jobs actually share one — same model, same options — the worker decides."""
+    (no damage, no retraining: those change the weights) of exactly one uploaded image. One
+    image per job bounds a batch of ``cam_batch_max_size`` jobs to that many images in memory;
+    larger jobs already fill a pass of their own. Which jobs actually share one — same model,
+    same options — the worker decides."""
     return (
         isinstance(spec, CamJobSpec)
         and spec.damage is None
         and spec.retrain is None
         and spec.images is None
-        and 0 < uploads <= settings.cam_batch_max_size
+        and uploads == 1
     )
 
 

@@ -19,7 +19,10 @@ Thread rule (:func:`core.engine.thread_count`): the cores the worker may use
 8 cores gives each prefork child 4 threads, so the pool never has more busy threads than cores.
 ``CAMRES_THREADS`` overrides it per process. The parent never imports torch (forked children
 would inherit its OpenMP state); with the threads pool, whose tasks share the parent, the
-parent applies the same rule at start-up.
+parent applies the same rule at start-up. The solo pool runs one task at a time in the parent,
+whatever ``--concurrency`` says (Celery's default is the CPU count), and Celery sends
+``worker_process_init`` there when it creates the pool (celery/celery#5562, Celery 4.4): the
+rule applies with a concurrency of 1.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def _prepare(sender: Any = None, **_: Any) -> None:
     settings.ensure_dirs()
     concurrency = getattr(sender, "concurrency", None)
     _concurrency = concurrency if isinstance(concurrency, int) and concurrency > 0 else 1
-    if "thread" in str(getattr(sender, "pool_cls", "")).lower():
+    pool = str(getattr(sender, "pool_cls", "")).lower()  # the --pool alias, or a class
+    if "solo" in pool:
+        _concurrency = 1
+    if "thread" in pool:
         _apply_threads()
     name = getattr(sender, "hostname", None)
     if settings.embedded and name:

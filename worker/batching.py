@@ -6,11 +6,12 @@ GPU, or on a CPU once the per-call overhead dominates. When many one-image jobs 
 arrive together, running them one pass each leaves most of that throughput unused.
 
 How a batch forms. The gateway sends *batchable* CAM jobs — intact-only (no damage, no
-retraining: both change the weights), uploaded images, at most ``cam_batch_max_size`` of them
-(:func:`service.submission.cam_batchable`) — to their own queue, ``<cam queue>-batch``, which
-every worker serving CAM jobs also consumes (``worker/app.py``). The task that receives one of
-them becomes a batch *leader*: it takes more messages straight from that queue for up to
-``cam_batch_wait_ms`` (:func:`drain`), at most ``cam_batch_max_size`` jobs, and runs them all.
+retraining: both change the weights), one uploaded image, so a batch holds at most
+``cam_batch_max_size`` images (:func:`service.submission.cam_batchable`) — to their own
+queue, ``<cam queue>-batch``, which every worker serving CAM jobs also consumes
+(``worker/app.py``). The task that receives one of them becomes a batch *leader*: it takes
+more messages straight from that queue for up to ``cam_batch_wait_ms`` (:func:`drain`), at
+most ``cam_batch_max_size`` jobs, and runs them all.
 Jobs whose forward passes can be shared — the same model id and the same CAM options, hence the
 same input size, method and explained classes (:func:`batch_key`) — go through
 :func:`core.explain.explain` together; every job still runs through
@@ -121,6 +122,9 @@ def batch_key(model_id: str, options: CamOptions) -> Hashable:
 
 # --- taking more jobs from the batch queue -------------------------------------------------------
 _connection: tuple[int, Celery, Connection] | None = None
+#: Kombu channels are not thread-safe: with the threads pool, leaders in one process take turns
+#: on the shared connection (reentrant: ``take`` acknowledges while drain holds it).
+_BROKER_LOCK = threading.RLock()
 
 
 def _broker(app: Celery) -> Connection:
@@ -154,13 +158,25 @@ def drain(
     broker error ends the wait with what was taken (the leader's own job still runs)."""
     if limit <= 0:
         return []
-    deadline = time.monotonic() + wait
+    with _BROKER_LOCK:
+        return _drain(app, queue, limit, time.monotonic() + wait, take)
+
+
+def _drain(
+    app: Celery,
+    queue: str,
+    limit: int,
+    deadline: float,
+    take: Callable[[Message], bool] | None,
+) -> list[Message]:
     taken: list[Message] = []
     conn = _broker(app)
     try:
         bound = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)(
             conn.default_channel
         )
+        # Every pass either takes a message (at most ``limit``), stops, or checks the deadline:
+        # messages already waiting are taken even with ``wait`` 0, and nothing loops unbounded.
         while len(taken) < limit:
             message = bound.get(no_ack=False, accept=["json"])
             if message is None:
@@ -168,19 +184,42 @@ def drain(
                 if left <= 0:
                     break
                 time.sleep(min(POLL_INTERVAL, left))
-            elif message.headers.get("task") != task_name("cam") or not _job_id(message):
-                # Not ours to run here (sent by hand?): back to the queue for a normal worker.
-                log.warning("put back a non-CAM message found in %s", queue)
-                message.requeue()
-            elif take is not None and not take(message):
-                message.requeue()  # for another leader
-                break
-            else:
-                taken.append(message)
+                continue
+            try:
+                if not _keep(message, queue, take):
+                    break
+            except BaseException:
+                # E.g. the soft time limit before take acked it: unacknowledged, the message
+                # would sit on this live connection until the visibility timeout.
+                _put_back([*taken, message])
+                raise
+            taken.append(message)
     except (*conn.connection_errors, *conn.channel_errors):
         log.warning("stopped taking jobs from %s: broker error", queue, exc_info=True)
         _forget_broker()
     return taken
+
+
+def _keep(message: Message, queue: str, take: Callable[[Message], bool] | None) -> bool:
+    """Whether drain keeps ``message``; one it does not keep is back in the queue, and the
+    leader stops taking: Redis (lpush/rpop) and the embedded broker hand a requeued message
+    straight back, so going on would spin on it until the time limit."""
+    if message.headers.get("task") != task_name("cam") or not _job_id(message):
+        # Not ours to run here (sent by hand?): back to the queue for a normal worker.
+        log.warning("put back a non-CAM message found in %s", queue)
+        message.requeue()
+        return False
+    if take is not None and not take(message):
+        message.requeue()  # for another leader
+        return False
+    return True
+
+
+def _put_back(messages: Sequence[Message]) -> None:
+    for message in messages:
+        if not message.acknowledged:
+            with contextlib.suppress(Exception):  # the connection may be what failed
+                message.requeue()
 
 
 def _job_id(message: Message) -> str | None:
@@ -191,12 +230,13 @@ def _job_id(message: Message) -> str | None:
 def acknowledge(messages: Sequence[Message]) -> None:
     """Ack drained messages; one that cannot be acked comes back later and is skipped then,
     its job being finished."""
-    for message in messages:
-        try:
-            message.ack()
-        except Exception:
-            log.warning("could not acknowledge job %s", _job_id(message), exc_info=True)
-            _forget_broker()
+    with _BROKER_LOCK:
+        for message in messages:
+            try:
+                message.ack()
+            except Exception:
+                log.warning("could not acknowledge job %s", _job_id(message), exc_info=True)
+                _forget_broker()
 
 
 # --- one batch -----------------------------------------------------------------------------------
@@ -292,6 +332,11 @@ class Batch:
             groups.setdefault(share.key, []).append(share)
         for group in groups.values():
             _run_group(group, self.max_size)
+
+    def wait_ended(self) -> None:
+        """Wait until every member has ended (:meth:`end`)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._members <= self._ended)
 
     def abort(self, error: BaseException) -> None:
         """Every member waiting, or still to hand its inputs, fails with ``error``."""
@@ -397,9 +442,28 @@ def run_batch(
         batch.abort(exc)
     finally:
         batch.close()
-        for thread in threads:
-            thread.join()
+        _join(batch, threads)
     return {"job": leader, "batch_jobs": len(threads)}
+
+
+def _join(batch: Batch, threads: Sequence[threading.Thread]) -> None:
+    """Wait for every member. The soft time limit may fire while the leader waits here: the
+    members must not outlive the task (the pool process takes its next one), so it fails those
+    still waiting for the pass, the wait goes on, and the limit is raised once all ended. The
+    wait is on the batch, not ``Thread.join``: a join interrupted by the limit's signal marks
+    the thread stopped while it runs (CPython 3.11, bpo-45274), and would not wait again."""
+    expired: SoftTimeLimitExceeded | None = None
+    while True:
+        try:
+            batch.wait_ended()
+            break
+        except SoftTimeLimitExceeded as exc:
+            batch.abort(exc)
+            expired = exc
+    for thread in threads:  # each has ended its job: only its last instructions are left
+        thread.join()
+    if expired is not None:
+        raise expired
 
 
 def _member(

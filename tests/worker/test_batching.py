@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
 from celery.exceptions import TimeLimitExceeded
 from fastapi.testclient import TestClient
@@ -88,15 +90,17 @@ def record(svc: runtime.WorkerServices, job_id: str) -> JobRecord:
 
 
 # --- which jobs are batched ----------------------------------------------------------------------
-def test_only_intact_uploaded_cams_within_the_size_are_batchable() -> None:
+def test_only_intact_one_image_uploaded_cams_are_batchable() -> None:
     settings = Settings(cam_batch_max_size=4)
 
     def spec(**extra: Any) -> CamJobSpec:
         return CamJobSpec.model_validate({"kind": "cam", "model": "m", **extra})
 
     assert cam_batchable(spec(), 1, settings)
-    assert cam_batchable(spec(cam={"top_k": 3}), 4, settings)
-    assert not cam_batchable(spec(), 5, settings)  # over one forward pass
+    assert cam_batchable(spec(cam={"top_k": 3}), 1, settings)
+    # A batch of max_size jobs must hold at most max_size images, even within the size.
+    assert not cam_batchable(spec(), 2, settings)
+    assert not cam_batchable(spec(), 4, settings)
     assert not cam_batchable(spec(damage={"targets": ["D4"], "fraction": 0.5}), 1, settings)
     assert not cam_batchable(spec(images={"dataset": "d"}), 0, settings)
 
@@ -137,6 +141,57 @@ def test_drain_takes_at_most_the_limit_and_waits_at_most_the_wait(
     assert 0.2 <= waited < 2.0
     batching.acknowledge(taken + rest)
     assert batching.drain(app, queue, 10, wait=0.0) == []
+
+
+def test_a_foreign_message_in_the_batch_queue_ends_the_wait(
+    app: Celery, svc: runtime.WorkerServices
+) -> None:
+    """The embedded broker, like Redis, hands a requeued message straight back: a leader that
+    went on taking after putting one back would spin on it until its time limit."""
+    queue = svc.settings.cam_batch_queue
+    app.send_task("camres.not_a_cam", args=["x"], queue=queue)
+    time.sleep(0.01)  # the filesystem broker orders messages by the millisecond they came
+    send_job(app, svc.settings, "job-0", "cam", batchable=True)
+    time.sleep(0.01)
+    drained: list[list[Any]] = []
+    leader = threading.Thread(
+        target=lambda: drained.append(batching.drain(app, queue, 10, wait=0.2)), daemon=True
+    )
+    leader.start()
+    leader.join(5.0)
+    assert not leader.is_alive(), "drain kept taking the message it put back"
+    assert drained == [[]]  # put back, and the leader stopped taking
+    # Nothing lost: the CAM job comes next, the foreign message is put back again.
+    taken = batching.drain(app, queue, 10, wait=0.0)
+    assert [m.headers["id"] for m in taken] == ["job-0"]
+    batching.acknowledge(taken)
+    [left] = (svc.settings.broker_dir / "queue").iterdir()
+    assert json.loads(left.read_text())["headers"]["task"] == "camres.not_a_cam"
+
+
+def test_a_message_held_when_the_time_limit_fires_goes_back(
+    app: Celery, svc: runtime.WorkerServices
+) -> None:
+    """The embedded broker deletes a message as it delivers it: one held, unacknowledged,
+    when the soft time limit fires would wait for the worker's next start."""
+    queue = svc.settings.cam_batch_queue
+    for i in range(2):
+        send_job(app, svc.settings, f"job-{i}", "cam", batchable=True)
+    taken: list[str] = []
+
+    def take(message: Any) -> bool:
+        if taken:
+            raise SoftTimeLimitExceeded()  # before this one is recorded and acked
+        batching.acknowledge([message])
+        taken.append(message.headers["id"])
+        return True
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        batching.drain(app, queue, 10, wait=0.0, take=take)
+    assert taken == ["job-0"]
+    again = batching.drain(app, queue, 10, wait=0.0)
+    assert [m.headers["id"] for m in again] == ["job-1"]  # the acked one stays taken
+    batching.acknowledge(again)
 
 
 def test_drained_messages_come_back_unless_acknowledged(
@@ -339,6 +394,44 @@ def test_the_hard_time_limit_fails_the_leaders_unfinished_members_too(
             f"the job was stopped after {limit} s",
         )
     assert record(svc, done).status == "succeeded"
+
+
+def test_the_soft_time_limit_while_the_leader_waits_fails_its_members_and_waits_on(
+    svc: runtime.WorkerServices, model_id: str, images: list[Path]
+) -> None:
+    """The limit (SIGUSR1, as billiard sends it) fires while the leader joins a member that
+    waits for the pass: the member must not outlive the task, running on with no limit."""
+    job_id = submit(svc, cam_spec(model_id), images[:1])
+    batch = batching.Batch(4)
+    batch.join(job_id)
+
+    def body(ctx: runtime.JobContext, shared: batching.SharedForward) -> dict[str, Any]:
+        shared(ctx, model_id, None, None, [], CamOptions())  # type: ignore[arg-type]
+        return {}
+
+    thread = threading.Thread(
+        target=batching._member, args=(batch, job_id, WORKER, body, None), daemon=True
+    )
+    thread.start()
+    wait_for(lambda: job_id in batch._shares, 5, "the member to hand its inputs", 0.01)
+
+    def expire(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGUSR1, expire)
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(SoftTimeLimitExceeded):
+            batching._join(batch, [thread])
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    thread.join(5.0)  # as the pool process would go on to its next task
+    failed = record(svc, job_id)
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error.type == "TimeLimitExceeded"
 
 
 # --- a real worker -------------------------------------------------------------------------------
