@@ -47,10 +47,10 @@ def data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random weights with a recorded training split (the recipe's 70/10/20), as a trained
-    checkpoint has."""
+    """Random weights with a recorded training split, as a trained checkpoint has: 70/10/20,
+    so that the validation split's path is covered too."""
     classes = recipe.shared_classes(data / "ucm_aid_classes.json")
-    config = recipe.train_config(input_size=64)
+    config = recipe.train_config(input_size=64, val_fraction=0.1, seed=1)
     meta = CheckpointMeta(
         arch="resnet18",
         classes=classes,
