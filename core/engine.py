@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import get_args
 
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "autocast",
     "autocast_dtype",
     "available_cores",
+    "env_threads",
     "is_channels_last",
     "prepare_for_inference",
     "thread_count",
@@ -207,6 +208,16 @@ def thread_count(concurrency: int = 1, override: int | str | None = None) -> int
             f"concurrency must be a positive integer, got {concurrency!r}", field="concurrency"
         )
     return max(1, available_cores() // concurrency)
+
+
+def env_threads(environ: Mapping[str, str]) -> str | None:
+    """The thread count an operator set in ``environ``: :data:`THREADS_ENV` first, else a plain
+    positive ``OMP_NUM_THREADS`` — the knob torch itself honours, which a policy must not undo
+    (test runs and shared hosts set it to keep processes from oversubscribing the cores)."""
+    if environ.get(THREADS_ENV):
+        return environ[THREADS_ENV]
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    return omp if omp.isdigit() and int(omp) > 0 else None
 
 
 def apply_thread_policy(concurrency: int = 1, override: int | str | None = None) -> int:

@@ -17,12 +17,12 @@ Process signals:
 Thread rule (:func:`core.engine.thread_count`): the cores the worker may use
 (``sched_getaffinity``) divided by the pool's concurrency, at least 1 — ``--concurrency 2`` on
 8 cores gives each prefork child 4 threads, so the pool never has more busy threads than cores.
-``CAMRES_THREADS`` overrides it per process. The parent never imports torch (forked children
-would inherit its OpenMP state); with the threads pool, whose tasks share the parent, the
-parent applies the same rule at start-up. The solo pool runs one task at a time in the parent,
-whatever ``--concurrency`` says (Celery's default is the CPU count), and Celery sends
-``worker_process_init`` there when it creates the pool (celery/celery#5562, Celery 4.4): the
-rule applies with a concurrency of 1.
+``CAMRES_THREADS`` (else a plain ``OMP_NUM_THREADS``) overrides it per process. The parent
+never imports torch (forked children would inherit its OpenMP state); with the threads pool,
+whose tasks share the parent, the parent applies the same rule at start-up. The solo pool
+runs one task at a time in the parent, whatever ``--concurrency`` says (Celery's default is
+the CPU count), and Celery sends ``worker_process_init`` there when it creates the pool
+(celery/celery#5562, Celery 4.4): the rule applies with a concurrency of 1.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def _init_process(**_: Any) -> None:
 
 
 def _apply_threads() -> None:
-    from core.engine import THREADS_ENV, apply_thread_policy  # torch: not in the parent
+    from core.engine import apply_thread_policy, env_threads  # torch: not in the parent
 
-    threads = apply_thread_policy(_concurrency, os.environ.get(THREADS_ENV))
+    threads = apply_thread_policy(_concurrency, env_threads(os.environ))
     log.info("worker process %d: %d torch threads", os.getpid(), threads)
 
 

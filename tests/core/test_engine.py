@@ -21,6 +21,7 @@ from core.engine import (
     apply_thread_policy,
     autocast_dtype,
     available_cores,
+    env_threads,
     is_channels_last,
     prepare_for_inference,
     thread_count,
@@ -209,3 +210,11 @@ def test_apply_thread_policy_sets_torch_threads() -> None:
         assert apply_thread_policy() == available_cores() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_operators_thread_setting_wins_over_the_policy() -> None:
+    assert env_threads({}) is None
+    assert env_threads({"OMP_NUM_THREADS": "1"}) == "1"
+    assert env_threads({"OMP_NUM_THREADS": "4,2"}) is None  # nested form: not a count
+    assert env_threads({"OMP_NUM_THREADS": "0"}) is None
+    assert env_threads({"CAMRES_THREADS": "3", "OMP_NUM_THREADS": "1"}) == "3"
