@@ -14,34 +14,13 @@ import torch
 from core.checkpoint import load_model
 from core.sweep_report import read_rows_jsonl
 from service.store import JobProgress
-from tests.service.support import TINY_CLASSES, make_tiny_checkpoint, ucm_images
+from tests.service.support import TINY_CLASSES, make_tiny_checkpoint
+from tests.worker.conftest import stored_model
 from tests.worker.test_tasks import finished, submit
 from worker import runtime, tasks
 
 #: The sweep of these tests: one location, two fractions, one trial.
 SWEEP = {"locations": ["D4"], "fractions": [0.25, 0.5], "trials": 1, "batch_size": 4}
-
-
-def stored_model(svc: runtime.WorkerServices, checkpoint: Path) -> str:
-    copy = svc.models.new_tmp_path()
-    shutil.copyfile(checkpoint, copy)
-    return svc.models.add(copy)[0].id
-
-
-@pytest.fixture
-def model_id(svc: runtime.WorkerServices, tiny_checkpoint: Path) -> str:
-    return stored_model(svc, tiny_checkpoint)
-
-
-@pytest.fixture
-def dataset_id(svc: runtime.WorkerServices, ucm_dir: Path, tmp_path: Path) -> str:
-    """Two real UC Merced images of each of the tiny model's classes."""
-    folder = tmp_path / "shared" / "ucm3"
-    for cls, paths in ucm_images(ucm_dir, TINY_CLASSES, 2).items():
-        (folder / cls).mkdir(parents=True)
-        for path in paths:
-            shutil.copyfile(path, folder / cls / path.name)
-    return svc.datasets.register(folder, "ucm3", max_pixels=10**8).id
 
 
 def progress_log(svc: runtime.WorkerServices, monkeypatch: pytest.MonkeyPatch) -> list[JobProgress]:

@@ -5,7 +5,6 @@ processes on a real Redis sharing one sweep."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,9 @@ from tests.service.support import (
     log_tail,
     start_process,
     stop_process,
-    ucm_images,
     wait_for,
     worker_command,
 )
-from tests.worker.test_analysis_tasks import stored_model
 from tests.worker.test_tasks import finished, submit
 from worker import runtime, sweep_fanout, tasks
 
@@ -98,20 +95,6 @@ def test_part_count_follows_live_workers_and_the_setting(tmp_path: Path) -> None
 
 
 # --- parts in-process --------------------------------------------------------------------------
-@pytest.fixture
-def model_id(svc: runtime.WorkerServices, tiny_checkpoint: Path) -> str:
-    return stored_model(svc, tiny_checkpoint)
-
-
-@pytest.fixture
-def dataset_id(svc: runtime.WorkerServices, ucm_dir: Path, tmp_path: Path) -> str:
-    """Two real UC Merced images of each of the tiny model's classes."""
-    folder = tmp_path / "shared" / "ucm3"
-    for cls, paths in ucm_images(ucm_dir, TINY_CLASSES, 2).items():
-        (folder / cls).mkdir(parents=True)
-        for path in paths:
-            shutil.copyfile(path, folder / cls / path.name)
-    return svc.datasets.register(folder, "ucm3", max_pixels=10**8).id
 
 
 def sweep_spec(model: str, dataset: str, **config: Any) -> dict[str, Any]:
