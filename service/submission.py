@@ -232,7 +232,7 @@ def _check_cam(check: _Checker, spec: CamJobSpec, settings: Settings, uploads: i
             )
 
 
-def cam_batchable(spec: AnyJobSpec, uploads: int, settings: Settings) -> bool:
+def cam_batchable(spec: AnyJobSpec, uploads: int) -> bool:
     """Whether a job may share a worker's forward pass with other CAM jobs: intact-only CAMs
     (no damage, no retraining: those change the weights) of exactly one uploaded image. One
     image per job bounds a batch of ``cam_batch_max_size`` jobs to that many images in memory;

@@ -122,7 +122,7 @@ def create_job(
         shutil.rmtree(inputs, ignore_errors=True)
         raise
     try:
-        batchable = cam_batchable(job_spec, len(uploads), settings)
+        batchable = cam_batchable(job_spec, len(uploads))
         send_job(celery, settings, job_id, job_spec.kind, batchable=batchable)
     except Exception as exc:  # any broker failure: the job must not stay queued forever
         log.exception("cannot queue job %s", job_id)

@@ -91,18 +91,16 @@ def record(svc: runtime.WorkerServices, job_id: str) -> JobRecord:
 
 # --- which jobs are batched ----------------------------------------------------------------------
 def test_only_intact_one_image_uploaded_cams_are_batchable() -> None:
-    settings = Settings(cam_batch_max_size=4)
-
     def spec(**extra: Any) -> CamJobSpec:
         return CamJobSpec.model_validate({"kind": "cam", "model": "m", **extra})
 
-    assert cam_batchable(spec(), 1, settings)
-    assert cam_batchable(spec(cam={"top_k": 3}), 1, settings)
+    assert cam_batchable(spec(), 1)
+    assert cam_batchable(spec(cam={"top_k": 3}), 1)
     # A batch of max_size jobs must hold at most max_size images, even within the size.
-    assert not cam_batchable(spec(), 2, settings)
-    assert not cam_batchable(spec(), 4, settings)
-    assert not cam_batchable(spec(damage={"targets": ["D4"], "fraction": 0.5}), 1, settings)
-    assert not cam_batchable(spec(images={"dataset": "d"}), 0, settings)
+    assert not cam_batchable(spec(), 2)
+    assert not cam_batchable(spec(), 4)
+    assert not cam_batchable(spec(damage={"targets": ["D4"], "fraction": 0.5}), 1)
+    assert not cam_batchable(spec(images={"dataset": "d"}), 0)
 
 
 def test_jobs_share_a_pass_only_with_equal_model_and_options() -> None:
