@@ -144,8 +144,7 @@ class SweepContext:
             )
         self.stages = Stages(model, whole=[arch.feature_layer])
         self.size: tuple[int, int] = (eval_set.inputs.shape[-2], eval_set.inputs.shape[-1])
-        retrained = len(config.locations) * len(config.retrain_at) * config.trials
-        self.total_units = config.cells + retrained
+        self.total_units = config.units
         self.done_units = 0.0
         self.timings: dict[str, float] = {}
 
