@@ -10,9 +10,10 @@ One run measures, on one device (``--device cpu`` or ``cuda``):
 * **plain** — ``torchvision`` resnet ``model(x)`` in inference mode: NCHW fp32,
   channels_last fp32, channels_last + bf16 autocast (and fp16 on CUDA);
 * **engine** — camres' batch loop (:func:`core.explain.cam_batches`: host tensors → device,
-  channels_last, exact CAM of the predicted class, results back on the host) per precision and
-  batch size; **explain** — :func:`core.explain.explain` end to end from decoded images
-  (preprocessing, upsampling to the original size, HAR) at one batch size;
+  channels_last, batch norms folded into the convolutions (:mod:`core.folding`), exact CAM of
+  the predicted class, results back on the host) per precision and batch size;
+* **explain** — :func:`core.explain.explain` end to end from decoded images (preprocessing,
+  upsampling to the original size, HAR) at one batch size;
 * **third party** — pytorch-grad-cam's GradCAM and TorchCAM's CAM on the same model and batch,
   only if importable (comparison only, never dependencies);
 * **agreement** — reduced precision against fp32 on real UC Merced images: top-1 agreement and
@@ -63,6 +64,7 @@ from core.checkpoint import load_model  # noqa: E402
 from core.checkpoint_meta import CheckpointMeta  # noqa: E402
 from core.engine import apply_thread_policy, autocast, prepare_for_inference, to_device  # noqa: E402
 from core.explain import cam_batches, explain  # noqa: E402
+from core.folding import folded_view  # noqa: E402
 from core.images import decode_image  # noqa: E402
 from core.models import build_model, get_arch  # noqa: E402
 from core.preprocessing import Preprocessing  # noqa: E402
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = _Timer(device, args.warmup, args.repeats)
     nhwc = prepare_for_inference(copy.deepcopy(model))
-    extractor = Cam(nhwc, spec.feature_layer, spec.fc_layer)
+    extractor = Cam(folded_view(nhwc), spec.feature_layer, spec.fc_layer)
     meta = CheckpointMeta(
         arch=args.arch, classes=ucm, preprocessing=Preprocessing(input_size=args.input_size)
     )
@@ -404,7 +406,7 @@ def _agreement(
     transform = eval_transform(meta.preprocessing)
     host = [transform(image) for _, image in pictures]
     spec = get_arch(meta.arch)
-    extractor = Cam(model, spec.feature_layer, spec.fc_layer)
+    extractor = Cam(folded_view(model), spec.feature_layer, spec.fc_layer)  # as explain runs it
     every = len(meta.classes)  # all classes' maps, so both runs explain fp32's top-1 class
 
     def run(precision: str) -> Any:

@@ -27,6 +27,7 @@ from core.cam_options import CamOptions
 from core.checkpoint_meta import CheckpointMeta
 from core.engine import autocast_dtype, prepare_for_inference, to_device, to_host
 from core.exceptions import InputError
+from core.folding import folded_view
 from core.har import highest_activation_regions
 from core.models import get_arch
 from core.progress import Progress, ProgressCallback, ShouldStop, check_stop, report
@@ -82,7 +83,8 @@ def explain(
     The model's predictions and maps come from one forward pass per batch of ``batch_size``, in
     ``options.precision``. ``device`` defaults to the model's; when given, the model is moved
     there. Either way the model is put in channels_last in place
-    (:func:`core.engine.prepare_for_inference`: same values, same parameters). Unknown class
+    (:func:`core.engine.prepare_for_inference`: same values, same parameters), and the pass
+    runs on its batch-norm-folded view (:func:`core.folding.folded_view`). Unknown class
     names, a method the architecture cannot support and a precision the device cannot run
     raise before anything is computed.
     """
@@ -93,12 +95,14 @@ def explain(
     _check_images(images)
     arch = get_arch(meta.arch)
     classes = None if options.classes is None else resolve_classes(options.classes, meta.classes)
-    extractor = CAM_METHODS.get(options.method)(model, arch.feature_layer, arch.fc_layer)
+    method = CAM_METHODS.get(options.method)
+    method(model, arch.feature_layer, arch.fc_layer)  # an unsupported model fails here, early
     target = torch.device(device) if device is not None else _device_of(model)
     autocast_dtype(options.precision, target)
     if not images:
         return []
     prepare_for_inference(model, device)
+    extractor = method(folded_view(model), arch.feature_layer, arch.fc_layer)
     transform = eval_transform(meta.preprocessing)
     chunks = (
         [transform(image) for _, image in images[start : start + batch_size]]
