@@ -8,7 +8,7 @@ values) and real UC Merced tiles:
   images/s, in this process — the ceiling;
 * through the real service (gateway + one worker, started with the helpers of
   ``bench/service_latency.py``), with batching on and off (``CAMRES_CAM_BATCHING``):
-  - ``--clients`` (32) concurrent clients, each submitting a one-image job and polling it to the
+  - ``--clients`` (32) concurrent clients, each submitting a one-image job and waiting for it to the
     end, again and again, ``--jobs`` jobs in all: images/s and the batch sizes the jobs report
     (``progress.metrics.batch_jobs``);
   - a lone client's one-image jobs, one at a time: the p50 latency.
@@ -100,9 +100,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20, help="Lone sequential jobs timed.")
     parser.add_argument("--offline-runs", type=int, default=5, help="Timed offline batches.")
     parser.add_argument("--wait-ms", type=float, default=10.0, help="CAMRES_CAM_BATCH_WAIT_MS.")
-    parser.add_argument("--poll-interval", type=float, default=0.01, help="Lone polling, s.")
     parser.add_argument(
-        "--load-poll-interval", type=float, default=0.1, help="Polling of the 32 clients, s."
+        "--poll-interval",
+        type=float,
+        default=0.0,
+        help="0: clients long-poll (GET ?wait=, as CamresClient.wait does); > 0: they poll "
+        "every this many seconds instead",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads.")
     parser.add_argument("--modes", nargs="+", default=["embedded", "redis"])
@@ -172,14 +175,14 @@ def _bench_service(
         model = client.upload_model(model_path)["id"]
         spec = {"kind": "cam", "model": model, "cam": CAM}
         for path in images[:2]:  # the worker loads and caches the model
-            client.wait(client.submit_job(spec, [path])["id"], poll_interval=0.05, timeout=300)
+            _wait(client, client.submit_job(spec, [path])["id"], args.poll_interval)
         lone = []
         for i in range(args.runs):
             if time.monotonic() > deadline:
                 break
             start = time.perf_counter()
             job = client.submit_job(spec, [images[i % len(images)]])
-            client.wait(job["id"], poll_interval=args.poll_interval, timeout=300)
+            _wait(client, job["id"], args.poll_interval)
             lone.append(time.perf_counter() - start)
     return {"lone_latency": _stats(lone), "concurrent": _concurrent(url, spec, images, args)}
 
@@ -202,7 +205,7 @@ def _concurrent(
                     return
                 start = time.perf_counter()
                 job = client.submit_job(spec, [images[index % len(images)]])
-                job = client.wait(job["id"], poll_interval=args.load_poll_interval, timeout=600)
+                job = _wait(client, job["id"], args.poll_interval)
                 seconds = time.perf_counter() - start
                 with lock:
                     latencies.append(seconds)
@@ -221,6 +224,18 @@ def _concurrent(
         "latency": _stats(latencies),
         "jobs_by_batch_jobs": dict(sorted(batch_jobs.items())),
     }
+
+
+def _wait(client: CamresClient, job_id: str, poll_interval: float) -> dict[str, Any]:
+    """The finished job: long-polled, or polled every ``poll_interval`` seconds (a progress
+    callback makes :meth:`CamresClient.wait` poll)."""
+    if poll_interval > 0:
+        return client.wait(job_id, poll_interval=poll_interval, timeout=600, on_progress=_ignore)
+    return client.wait(job_id, timeout=600)
+
+
+def _ignore(job: dict[str, Any]) -> None:
+    """A progress callback that only switches :meth:`CamresClient.wait` to polling."""
 
 
 def _brief(result: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +275,9 @@ def _setup(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
         "jobs": args.jobs,
         "runs": args.runs,
         "wait_ms": args.wait_ms,
-        "poll_interval_s": args.poll_interval,
-        "load_poll_interval_s": args.load_poll_interval,
+        "clients_wait_by": (
+            f"polling every {args.poll_interval} s" if args.poll_interval else "long polling"
+        ),
         "torch_threads": args.threads,
         "loadavg_at_end": list(os.getloadavg()),
         "device": "cpu",

@@ -68,6 +68,8 @@ PathLike = str | os.PathLike[str]
 TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "cancelled"})
 
 DEFAULT_TIMEOUT: Final = httpx.Timeout(60.0, connect=5.0)
+#: Seconds one long-polling request of :meth:`CamresClient.wait` asks the service to hold.
+LONG_POLL_S: Final = 20.0
 #: The gateway's header for API keys (it also accepts ``Authorization: Bearer <key>``).
 API_KEY_HEADER: Final = "X-API-Key"
 _RETRY_STATUSES: Final = frozenset({503})
@@ -349,8 +351,11 @@ class CamresClient:
             self._sleep(_retry_after(response) or self.backoff * 2**attempt)
         return _json_or_raise(response)
 
-    def get_job(self, job_id: str) -> Job:
-        return self._get_json(f"/v1/jobs/{_segment(job_id)}")
+    def get_job(self, job_id: str, *, wait: float = 0.0) -> Job:
+        """The job record; with ``wait`` (seconds, at most the server's 30) the service holds
+        its answer until the job has ended or the time is up (long polling)."""
+        params = {"wait": wait} if wait > 0 else None
+        return self._get_json(f"/v1/jobs/{_segment(job_id)}", params=params)
 
     def list_jobs(
         self,
@@ -377,10 +382,13 @@ class CamresClient:
         timeout: float | None = 3600.0,
         on_progress: JobCallback | None = None,
     ) -> Job:
-        """Poll a job until it ends; return it when it succeeded.
+        """Wait for a job to end; return it when it succeeded.
 
-        ``on_progress`` receives the job record whenever its status, progress or ``attempts``
-        (runs started; more than one when a worker died under it) changed.
+        Without ``on_progress`` this long-polls (:meth:`get_job` with ``wait``), so the answer
+        comes the moment the job ends and costs the service one request per
+        :data:`LONG_POLL_S`. ``on_progress`` receives the job record whenever its status,
+        progress or ``attempts`` (runs started; more than one when a worker died under it)
+        changed, so with it the job is polled every ``poll_interval`` seconds instead.
         Raises :class:`JobFailedError` / :class:`JobCancelledError` when it ended otherwise,
         and :class:`JobTimeoutError` after ``timeout`` seconds (``None``: wait forever).
         """
@@ -389,25 +397,25 @@ class CamresClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         last_seen: object = None
         while True:
-            job = self.get_job(job_id)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            hold = LONG_POLL_S if remaining is None else max(0.0, min(LONG_POLL_S, remaining))
+            if on_progress is not None:
+                hold = 0.0
+            asked = time.monotonic()
+            job = self.get_job(job_id, wait=hold)
             seen = (job.get("status"), job.get("progress"), job.get("attempts"))
             if on_progress is not None and seen != last_seen:
                 on_progress(job)
             last_seen = seen
-            status = job.get("status")
-            if status == "succeeded":
+            _raise_if_unsuccessful(job)
+            if job.get("status") == "succeeded":
                 return job
-            if status == "failed":
-                raise JobFailedError(job)
-            if status == "cancelled":
-                raise JobCancelledError(job)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise JobTimeoutError(job, timeout or 0.0)
-                time.sleep(min(poll_interval, remaining))
-            else:
-                time.sleep(poll_interval)
+            if deadline is not None and deadline - time.monotonic() <= 0:
+                raise JobTimeoutError(job, timeout or 0.0)
+            if time.monotonic() - asked < min(hold, poll_interval) or not hold:
+                # Polling, or a server that answered a long poll at once (one without it).
+                left = poll_interval if deadline is None else deadline - time.monotonic()
+                time.sleep(max(0.0, min(poll_interval, left)))
 
     # -- artifacts -----------------------------------------------------------------------
 
@@ -506,6 +514,14 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _describe(exc: httpx.TransportError, method: str, url: str) -> str:
     return f"cannot reach the service ({method} {url}): {type(exc).__name__}: {exc}"
+
+
+def _raise_if_unsuccessful(job: Job) -> None:
+    status = job.get("status")
+    if status == "failed":
+        raise JobFailedError(job)
+    if status == "cancelled":
+        raise JobCancelledError(job)
 
 
 def _segment(value: str) -> str:

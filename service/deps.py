@@ -17,6 +17,7 @@ from service.problems import ApiError
 from service.settings import Settings
 from service.state import ServiceState
 from service.store import JobStore
+from service.watcher import JobWatcher
 
 
 def get_state(request: Request) -> ServiceState:
@@ -52,12 +53,17 @@ def _metrics(state: StateDep) -> GatewayMetrics:
     return state.metrics
 
 
+def _watcher(state: StateDep) -> JobWatcher:
+    return state.watcher
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 ModelsDep = Annotated[ModelCatalog, Depends(_models)]
 DatasetsDep = Annotated[DatasetCatalog, Depends(_datasets)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
 MetricsDep = Annotated[GatewayMetrics, Depends(_metrics)]
+WatcherDep = Annotated[JobWatcher, Depends(_watcher)]
 
 
 API_KEY_HEADER = "X-API-Key"

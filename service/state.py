@@ -1,5 +1,5 @@
 """What a gateway instance holds for its lifetime: settings, job store, catalogs, the Celery
-producer, the metrics registry and the API keys. Built once per app by
+producer, the metrics registry, the API keys and the long-polling watcher. Built once per app by
 :func:`service.app.create_app`."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from service.metrics import GatewayMetrics
 from service.queue import make_celery
 from service.settings import Settings
 from service.store import JobStore, open_store
+from service.watcher import JobWatcher
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ServiceState:
     celery: Celery
     metrics: GatewayMetrics
     keys: KeyRing
+    watcher: JobWatcher
 
     @classmethod
     def create(cls, settings: Settings) -> ServiceState:
@@ -38,6 +40,7 @@ class ServiceState:
             celery=make_celery(settings),
             metrics=GatewayMetrics.create(store),
             keys=KeyRing(settings),
+            watcher=JobWatcher(store),
         )
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BeforeValidator, Json
 
@@ -22,6 +23,7 @@ from service.deps import (
     PrincipalDep,
     SettingsDep,
     StoreDep,
+    WatcherDep,
     require_form,
 )
 from service.problems import ApiError, field_error, not_found, problem_responses
@@ -49,6 +51,9 @@ from service.submission import (
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401))
+
+#: Longest ``wait`` of a long poll, in seconds: under the idle timeouts of common proxies.
+MAX_WAIT_S = 30.0
 
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _MEDIA_TYPES = {
@@ -156,10 +161,29 @@ def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=Job, responses=problem_responses(404))
-def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> Job:
-    """One job: status, progress, result or error."""
-    return Job.from_record(_get_record(store, job_id, principal))
+@router.get("/{job_id}", response_model=Job, responses=problem_responses(404, 422))
+async def read_job(
+    job_id: str,
+    store: StoreDep,
+    principal: PrincipalDep,
+    watcher: WatcherDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="Long polling: hold the reply up to this many seconds until the job "
+            "has ended (succeeded, failed or cancelled), then answer as without it. 0 answers "
+            "at once. Cheaper for both sides than polling often.",
+        ),
+    ] = 0.0,
+) -> Job:
+    """One job: status, progress, result or error (with ``wait``, once it has ended)."""
+    record = await run_in_threadpool(_get_record, store, job_id, principal)
+    if wait > 0 and not record.finished:
+        await watcher.wait_finished(job_id, wait)
+        record = await run_in_threadpool(_get_record, store, job_id, principal)
+    return Job.from_record(record)
 
 
 @router.post(

@@ -14,7 +14,7 @@ import enum
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final, Literal
 
@@ -215,6 +215,12 @@ class JobStore(ABC):
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or None."""
+
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each job of ``job_ids`` that exists (missing ones are left out).
+        Long polling asks this many times a second for every awaited job, so backends answer
+        it in one round trip; this fallback reads the records one by one."""
+        return {job_id: r.status for job_id in job_ids if (r := self.get(job_id)) is not None}
 
     @abstractmethod
     def list_jobs(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -231,6 +232,14 @@ class RedisJobStore(JobStore):
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._call(self._redis.hgetall, self._job_key(job_id))
         return _decode(raw) if raw else None
+
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(job_ids)
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(self._job_key(job_id), "status")
+        values = self._call(pipe.execute)
+        return {job_id: v.decode() for job_id, v in zip(ids, values, strict=True) if v is not None}
 
     def list_jobs(
         self,

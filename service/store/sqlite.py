@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,9 @@ from service.store.base import (
     decode_cursor,
     encode_cursor,
 )
+
+#: Host parameters per statement (SQLite's limit is 999 before 3.32).
+_MAX_PARAMS = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -227,6 +230,16 @@ class SQLiteJobStore(JobStore):
     def get(self, job_id: str) -> JobRecord | None:
         row = self._execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _row_to_record(row)
+
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        ids = list(job_ids)
+        for start in range(0, len(ids), _MAX_PARAMS):
+            chunk = ids[start : start + _MAX_PARAMS]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id, status FROM jobs WHERE id IN ({marks})"
+            found.update(self._execute(sql, tuple(chunk)).fetchall())
+        return found
 
     def list_jobs(
         self,

@@ -202,6 +202,49 @@ def test_wait_times_out_and_reports_changes_only(
     api.cancel(job["id"])
 
 
+def test_wait_long_polls_in_one_request_until_the_job_ends(
+    base_url: str, uploaded: str, ucm_image: Path
+) -> None:
+    requests: list[str] = []
+    with counting_client(base_url, requests) as api, CamresClient(base_url) as other:
+        job = api.submit_job(cam_spec(uploaded), [ucm_image])
+        requests.clear()
+        timer = threading.Timer(0.3, other.cancel, args=(job["id"],))
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(JobCancelledError):
+            api.wait(job["id"], timeout=10)
+        seconds = time.monotonic() - started
+        timer.join()
+    assert requests == ["GET"]  # held by the service, answered when the job ended
+    assert 0.3 <= seconds < 3.0
+
+
+def test_a_long_poll_answers_with_the_job_when_its_time_is_up(
+    api: CamresClient, uploaded: str, ucm_image: Path
+) -> None:
+    job = api.submit_job(cam_spec(uploaded), [ucm_image])
+    started = time.monotonic()
+    assert api.get_job(job["id"], wait=0.3)["status"] == "queued"
+    assert time.monotonic() - started >= 0.3
+    api.cancel(job["id"])
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "nan", "soon"])
+def test_a_bad_wait_is_a_422_naming_it(base_url: str, wait: str) -> None:
+    response = httpx.get(f"{base_url}/v1/jobs/any", params={"wait": wait})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [e["field"] for e in response.json()["errors"]] == ["wait"]
+
+
+def test_a_long_poll_of_an_unknown_job_is_a_404_at_once(base_url: str) -> None:
+    started = time.monotonic()
+    response = httpx.get(f"{base_url}/v1/jobs/nope", params={"wait": 10})
+    assert response.status_code == 404
+    assert time.monotonic() - started < 2
+
+
 def test_download_of_a_job_without_artifacts_creates_the_folder(
     api: CamresClient, uploaded: str, ucm_image: Path, tmp_path: Path
 ) -> None:

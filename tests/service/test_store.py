@@ -478,3 +478,16 @@ def test_concurrent_part_updates_lose_nothing(store: JobStore) -> None:
     record = store.get("a")
     assert record is not None
     assert record.progress.fraction == 1.0
+
+
+def test_statuses_reads_many_jobs_and_leaves_out_missing_ones(store: JobStore) -> None:
+    for job_id in ("a", "b", "c"):
+        store.create(job(job_id))
+    store.start("b", "w1")
+    store.finish("c", "cancelled")
+    assert store.statuses(["a", "b", "c", "gone"]) == {
+        "a": "queued",
+        "b": "running",
+        "c": "cancelled",
+    }
+    assert store.statuses([]) == {}
