@@ -132,18 +132,38 @@ def test_a_model_fx_cannot_trace_is_left_unfolded(images: Tensor) -> None:
     assert isinstance(fold_batchnorm(net).bn, nn.BatchNorm2d)
 
 
-def test_view_is_reused_until_the_weights_change(model: nn.Module, images: Tensor) -> None:
+def test_view_is_reused_and_refolded_in_place_when_the_weights_change(
+    model: nn.Module, images: Tensor
+) -> None:
     view = folded_view(model)
     assert folded_view(model) is view
+    intact = outputs(view, images)
     # stuck-at-1 does not commute with the BN scale: a stale view would give other outputs
     apply_damage(model, DamageSpec(targets=["D1"], fraction=0.5, fault=StuckAt(value=1.0)))
-    damaged = folded_view(model)
-    assert damaged is not view
-    torch.testing.assert_close(
-        outputs(damaged, images), outputs(model, images), rtol=1e-4, atol=1e-4
-    )
-    prepare_for_inference(model)  # new storage, same values
-    assert folded_view(model) is not damaged
+    assert folded_view(model) is view  # the same modules, the new weights
+    expected = outputs(model, images)
+    torch.testing.assert_close(outputs(view, images), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outputs(view, images), intact)
+    prepare_for_inference(model)  # another memory format: a new view in it
+    nhwc = folded_view(model)
+    assert nhwc is not view
+    assert nhwc.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_pair_that_would_overflow_stays_unfolded(model: nn.Module, images: Tensor) -> None:
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[0, 0, 0, 0] = 3e38  # a flipped exponent bit, say
+        model.layer1[0].bn1.weight[0] = 10.0
+    view = folded_view(model)
+    assert isinstance(view.layer1[0].bn1, nn.BatchNorm2d)
+    assert isinstance(view.layer1[0].bn2, nn.Identity)
+    torch.testing.assert_close(outputs(view, images), outputs(model, images), equal_nan=True)
+    with torch.no_grad():  # a refold that would overflow gives a new view instead
+        model.layer1[0].conv2.weight[0, 0, 0, 0] = 3e38
+        model.layer1[0].bn2.weight[0] = 10.0
+    again = folded_view(model)
+    assert again is not view
+    assert isinstance(again.layer1[0].bn2, nn.BatchNorm2d)
 
 
 def test_view_dies_with_its_model() -> None:
@@ -160,7 +180,16 @@ def test_a_model_of_inference_tensors_is_its_own_view() -> None:
     assert folded_view(net) is net
 
 
-def test_explain_runs_the_view_and_keeps_the_models_cams(model: nn.Module) -> None:
+def test_explain_runs_the_view_and_keeps_the_models_cams(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    views: list[nn.Module] = []
+
+    def spy(net: nn.Module) -> nn.Module:
+        views.append(folded_view(net))
+        return views[-1]
+
+    monkeypatch.setattr("core.explain.folded_view", spy)
     meta = CheckpointMeta(
         arch="resnet18", classes=CLASSES, preprocessing=Preprocessing(input_size=64)
     )
@@ -173,6 +202,8 @@ def test_explain_runs_the_view_and_keeps_the_models_cams(model: nn.Module) -> No
     assert prediction.probability == pytest.approx(float(reference.probabilities.max()), abs=1e-5)
     raw = torch.from_numpy(result.raw_maps[0])
     torch.testing.assert_close(raw, reference.maps[0, 0], rtol=1e-4, atol=1e-4)
+    assert len(views) == 1
+    assert isinstance(views[0].bn1, nn.Identity)
     # the original model got no hooks and no copies of its own modules replaced
     assert isinstance(model.bn1, nn.BatchNorm2d)
     assert not model.layer4._forward_hooks
