@@ -243,7 +243,9 @@ def _overhead(mode: dict[str, Any], core: dict[str, Any]) -> dict[str, Any]:
 def _one_job(client: CamresClient, spec: dict[str, Any], poll: float) -> tuple[float, Any]:
     start = time.perf_counter()
     job = client.submit_job(spec, [IMAGE])
-    job = client.wait(job["id"], poll_interval=poll, timeout=120)
+    # A progress callback keeps wait() polling every ``poll`` s, as this benchmark documents
+    # (without one it long-polls; bench/microbatch.py measures that).
+    job = client.wait(job["id"], poll_interval=poll, timeout=120, on_progress=lambda _: None)
     return time.perf_counter() - start, job
 
 

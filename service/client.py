@@ -70,6 +70,8 @@ TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_TIMEOUT: Final = httpx.Timeout(60.0, connect=5.0)
 #: Seconds one long-polling request of :meth:`CamresClient.wait` asks the service to hold.
 LONG_POLL_S: Final = 20.0
+#: Seconds a long poll leaves between its hold and the read timeout (answer, network).
+_READ_MARGIN_S: Final = 2.0
 #: The gateway's header for API keys (it also accepts ``Authorization: Bearer <key>``).
 API_KEY_HEADER: Final = "X-API-Key"
 _RETRY_STATUSES: Final = frozenset({503})
@@ -352,8 +354,9 @@ class CamresClient:
         return _json_or_raise(response)
 
     def get_job(self, job_id: str, *, wait: float = 0.0) -> Job:
-        """The job record; with ``wait`` (seconds, at most the server's 30) the service holds
-        its answer until the job has ended or the time is up (long polling)."""
+        """The job record; with ``wait`` (seconds, 0–30: the service answers 422 beyond) the
+        service holds its answer until the job has ended or the time is up (long polling).
+        The wait must stay below the HTTP client's read timeout."""
         params = {"wait": wait} if wait > 0 else None
         return self._get_json(f"/v1/jobs/{_segment(job_id)}", params=params)
 
@@ -398,9 +401,7 @@ class CamresClient:
         last_seen: object = None
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
-            hold = LONG_POLL_S if remaining is None else max(0.0, min(LONG_POLL_S, remaining))
-            if on_progress is not None:
-                hold = 0.0
+            hold = self._long_poll_hold(remaining) if on_progress is None else 0.0
             asked = time.monotonic()
             job = self.get_job(job_id, wait=hold)
             seen = (job.get("status"), job.get("progress"), job.get("attempts"))
@@ -416,6 +417,16 @@ class CamresClient:
                 # Polling, or a server that answered a long poll at once (one without it).
                 left = poll_interval if deadline is None else deadline - time.monotonic()
                 time.sleep(max(0.0, min(poll_interval, left)))
+
+    def _long_poll_hold(self, remaining: float | None) -> float:
+        """Seconds a long poll may ask the service to hold: within ``remaining`` and well
+        inside this client's read timeout, which would otherwise cut the held request off;
+        0 (plain polling) when that leaves less than a second."""
+        hold = LONG_POLL_S if remaining is None else min(LONG_POLL_S, remaining)
+        read = self._http.timeout.read
+        if read is not None:
+            hold = min(hold, read - _READ_MARGIN_S)
+        return hold if hold >= 1.0 else 0.0
 
     # -- artifacts -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -117,6 +118,17 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
+            if _long_poll(scope):  # held on purpose: kept out of the answer-time histogram
+                template += "?wait"
             method = scope["method"]
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+
+
+def _long_poll(scope: Scope) -> bool:
+    """Whether the request asked to be held (``?wait=`` > 0, see ``service.watcher``)."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("wait", [])
+    try:
+        return any(float(value) > 0 for value in values)
+    except ValueError:
+        return False

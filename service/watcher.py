@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 
 import anyio
 
@@ -29,59 +30,67 @@ DEFAULT_TICK_S = 0.01
 ERROR_BACKOFF_S = 0.5
 
 
+class _LoopWatch:
+    """The waiters of one event loop and the task that wakes them: asyncio events and tasks
+    belong to one loop, so every loop that serves long polls (one in production; a test
+    client may run several) gets its own."""
+
+    def __init__(self) -> None:
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+
 class JobWatcher:
-    """Wakes long-polling requests when their jobs end (one per gateway, on its event loop)."""
+    """Wakes long-polling requests when their jobs end (one per gateway)."""
 
     def __init__(self, store: JobStore, tick: float = DEFAULT_TICK_S) -> None:
         if not tick > 0:
             raise ValueError(f"tick must be > 0 seconds, got {tick!r}")
         self.store = store
         self.tick = tick
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWatch] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def waiting(self) -> int:
         """Requests waiting now."""
-        return sum(map(len, self._waiters.values()))
+        return sum(len(events) for w in list(self._loops.values()) for events in w.waiters.values())
 
     async def wait_finished(self, job_id: str, timeout: float) -> bool:
         """Return True once the job has ended or vanished, False after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        watch = self._loops.setdefault(loop, _LoopWatch())
         event = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        self._ensure_running()
+        watch.waiters.setdefault(job_id, set()).add(event)
+        if watch.task is None or watch.task.done():
+            watch.task = loop.create_task(self._watch(watch), name="camres-job-watcher")
+            watch.task.add_done_callback(_log_crash)
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             return False
         finally:
-            events = self._waiters.get(job_id)
+            events = watch.waiters.get(job_id)
             if events is not None:
                 events.discard(event)
                 if not events:
-                    del self._waiters[job_id]
+                    del watch.waiters[job_id]
         return True
 
     async def close(self) -> None:
-        """Stop the watching task (the app's shutdown)."""
-        task, self._task = self._task, None
+        """Stop the watching task of the running loop (the app's shutdown)."""
+        watch = self._loops.pop(asyncio.get_running_loop(), None)
+        task = None if watch is None else watch.task
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _ensure_running(self) -> None:
-        loop = asyncio.get_running_loop()
-        # A task left on another loop (a test client's earlier one) would never run again.
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop = loop
-            self._task = loop.create_task(self._watch(), name="camres-job-watcher")
-
-    async def _watch(self) -> None:
-        while self._waiters:
+    async def _watch(self, watch: _LoopWatch) -> None:
+        while watch.waiters:
             await asyncio.sleep(self.tick)
-            awaited = list(self._waiters)
+            awaited = list(watch.waiters)
             if not awaited:
                 break
             try:
@@ -94,5 +103,10 @@ class JobWatcher:
             for job_id in awaited:
                 status = statuses.get(job_id)
                 if status is None or status in TERMINAL:
-                    for event in self._waiters.get(job_id, ()):
+                    for event in list(watch.waiters.get(job_id, ())):
                         event.set()
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("long polling: the job watcher stopped", exc_info=task.exception())

@@ -220,6 +220,25 @@ def test_wait_long_polls_in_one_request_until_the_job_ends(
     assert 0.3 <= seconds < 3.0
 
 
+def test_long_polls_stay_inside_the_clients_read_timeout(
+    base_url: str, uploaded: str, ucm_image: Path
+) -> None:
+    requests: list[str] = []
+    http = httpx.Client(  # a read timeout too short to hold a poll in
+        base_url=base_url,
+        timeout=1.5,
+        event_hooks={"request": [lambda request: requests.append(request.method)]},
+    )
+    with http, CamresClient(base_url, http_client=http) as api:
+        job = api.submit_job(cam_spec(uploaded), [ucm_image])
+        requests.clear()
+        with pytest.raises(JobTimeoutError):  # not a read timeout of a held request
+            api.wait(job["id"], poll_interval=0.2, timeout=2.0)
+        polls = len(requests)
+        api.cancel(job["id"])
+    assert polls >= 5  # it polled every 0.2 s instead
+
+
 def test_a_long_poll_answers_with_the_job_when_its_time_is_up(
     api: CamresClient, uploaded: str, ucm_image: Path
 ) -> None:

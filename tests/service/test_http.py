@@ -183,3 +183,25 @@ def test_metrics_count_requests_by_route_template_and_jobs(
     unmatched = (("method", "GET"), ("route", "unmatched"), ("status", "404"))
     client.get("/no/such/route")
     assert samples(client)[("camres_http_requests_total", unmatched)] == 1
+
+
+def test_long_polls_are_timed_apart_from_plain_reads(
+    client: TestClient, model_id: str, ucm_image: Path, app: FastAPI
+) -> None:
+    spec = json.dumps({"kind": "cam", "model": model_id})
+    job = client.post(
+        "/v1/jobs",
+        files=[("spec", (None, spec)), ("images", (ucm_image.name, ucm_image.read_bytes()))],
+    ).json()
+    client.get(f"/v1/jobs/{job['id']}")
+    held = client.get(f"/v1/jobs/{job['id']}", params={"wait": 0.2})
+    assert held.json()["status"] == "queued"
+    app.state.camres.store.finish(job["id"], "cancelled")
+    values = samples(client)
+
+    def count(route: str) -> float:
+        key = (("method", "GET"), ("route", route))
+        return values[("camres_http_request_duration_seconds_count", key)]
+
+    assert count("/v1/jobs/{job_id}") == 1
+    assert count("/v1/jobs/{job_id}?wait") == 1

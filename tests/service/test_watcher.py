@@ -53,16 +53,20 @@ def test_a_waiter_times_out_on_a_job_that_keeps_running(store: JobStore) -> None
     assert watcher.waiting == 0
 
 
-def test_a_deleted_job_wakes_its_waiters(store: JobStore) -> None:
+def test_a_job_deleted_while_waited_for_wakes_its_waiters(store: JobStore) -> None:
     watcher = JobWatcher(store, tick=TICK)
+
+    async def delete_later() -> bool:
+        await asyncio.sleep(0.05)
+        assert watcher.waiting == 3
+        store.finish("j", "cancelled")
+        return store.delete("j")  # retention removed it before a tick saw it end
 
     async def scenario() -> list[bool]:
         waits = [watcher.wait_finished("j", timeout=5) for _ in range(3)]
-        store.finish("j", "cancelled")
-        assert store.delete("j")  # retention removed it before a tick saw it end
-        return list(await asyncio.gather(*waits))
+        return list(await asyncio.gather(*waits, delete_later()))
 
-    assert asyncio.run(scenario()) == [True, True, True]
+    assert asyncio.run(scenario()) == [True, True, True, True]
 
 
 class _Flaky(SQLiteJobStore):
@@ -90,15 +94,25 @@ def test_the_watcher_outlives_store_errors(tmp_path: Path, monkeypatch: pytest.M
 def test_close_stops_the_task(store: JobStore) -> None:
     watcher = JobWatcher(store, tick=TICK)
 
-    async def scenario() -> bool:
+    async def scenario() -> list[asyncio.Task[object]]:
         waiting = asyncio.ensure_future(watcher.wait_finished("j", timeout=5))
         await asyncio.sleep(0.02)
-        task = watcher._task
+        assert watcher.waiting == 1
         await watcher.close()
         waiting.cancel()
-        return task is not None and task.done()
+        await asyncio.sleep(0)
+        return [t for t in asyncio.all_tasks() if t.get_name() == "camres-job-watcher"]
 
-    assert asyncio.run(scenario())
+    assert asyncio.run(scenario()) == []
+
+
+def test_each_event_loop_gets_its_own_watch(store: JobStore) -> None:
+    watcher = JobWatcher(store, tick=TICK)
+    # A gateway under a test client may serve from a new loop each time: a task left on the
+    # old loop must not be what the new loop's waiters depend on.
+    assert asyncio.run(watcher.wait_finished("j", timeout=0.05)) is False
+    store.finish("j", "succeeded", result={})
+    assert asyncio.run(watcher.wait_finished("j", timeout=5)) is True
 
 
 def test_tick_must_be_positive(store: JobStore) -> None:
