@@ -28,20 +28,23 @@ def shared_classes(mapping_file: str | Path) -> list[str]:
 
 def train_config(
     *,
-    epochs: int = 30,
+    epochs: int = 40,
     lr: float = 0.05,
     label_smoothing: float = 0.1,
     val_fraction: float = 0.0,
     patience: int | None = None,
-    seed: int = 2,
+    seed: int = 3,
     input_size: int = INPUT_SIZE,
     device: DeviceName = "cpu",
 ) -> TrainConfig:
-    """SGD from scratch (momentum 0.9, weight decay 5e-4, cosine learning rate) on a stratified
-    80/20 train/test split, keeping the last epoch. With ``val_fraction`` the validation images
-    pick the epoch kept instead (``patience`` defaults to the epoch count: all epochs run and
-    the best one is restored). Split seed 2 by default: the test images of seeds 0 and 1 took
-    part in choosing the protocol (``bench/damage_retrain.py``)."""
+    """SGD from scratch (momentum 0.9, weight decay 5e-4, cosine learning rate, 40 epochs) on
+    a stratified 80/20 train/test split, keeping the last epoch. With ``val_fraction`` the
+    validation images pick the epoch kept instead (``patience`` defaults to the epoch count:
+    all epochs run and the best one is restored).
+
+    Split seed 3 by default. The test images of seeds 0–2 took part in choosing the protocol
+    (``bench/damage_retrain.py`` tells how); the 40 epochs were fixed before seed 3's test
+    images were first scored, once."""
     return TrainConfig(
         epochs=epochs, batch_size=32, lr=lr, momentum=0.9, weight_decay=5e-4,
         schedule="cosine", label_smoothing=label_smoothing, seed=seed,

@@ -70,7 +70,7 @@ STAGES = ("accuracy", "sweep", "transfer")
 
 #: Defaults of the full run, and of ``--quick`` (a smoke run in minutes).
 FULL: dict[str, Any] = {
-    "epochs": 30, "fractions": "0.05:0.95:0.05", "trials": 3, "retrain_epochs": 3,
+    "epochs": 40, "fractions": "0.05:0.95:0.05", "trials": 3, "retrain_epochs": 3,
     "limit": None, "retrain_limit": None, "samples": 4,
     "figure_locations": "D1,D2,D3,D4", "finetune_epochs": 5,
 }  # fmt: skip
