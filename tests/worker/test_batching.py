@@ -189,9 +189,10 @@ def test_a_message_held_when_the_time_limit_fires_goes_back(
 
     with pytest.raises(SoftTimeLimitExceeded):
         batching.drain(app, queue, 10, wait=0.0, take=take)
-    assert taken == ["job-0"]
+    assert len(taken) == 1
     again = batching.drain(app, queue, 10, wait=0.0)
-    assert [m.headers["id"] for m in again] == ["job-1"]  # the acked one stays taken
+    # the acked one stays taken; the other is back (in either order: see the test above)
+    assert [m.headers["id"] for m in again] == [{"job-0": "job-1", "job-1": "job-0"}[taken[0]]]
     batching.acknowledge(again)
 
 
