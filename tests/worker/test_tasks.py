@@ -8,32 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 
 from service.auth import LOCAL
 from service.store import JobRecord
 from service.submission import MANIFEST, InputImage, Manifest
-from tests.service.support import TINY_CLASSES, ucm_images
+from tests.service.support import TINY_CLASSES
 from worker import runtime, tasks
-
-
-@pytest.fixture
-def model_id(svc: runtime.WorkerServices, tiny_checkpoint: Path) -> str:
-    copy = svc.models.new_tmp_path()
-    shutil.copyfile(tiny_checkpoint, copy)
-    info, _ = svc.models.add(copy)
-    return info.id
-
-
-@pytest.fixture
-def dataset_id(svc: runtime.WorkerServices, ucm_dir: Path, tmp_path: Path) -> str:
-    folder = tmp_path / "shared" / "ucm3"
-    for cls, paths in ucm_images(ucm_dir, TINY_CLASSES, 2).items():
-        (folder / cls).mkdir(parents=True)
-        for path in paths:
-            shutil.copyfile(path, folder / cls / path.name)
-    return svc.datasets.register(folder, "ucm3", max_pixels=10**8).id
 
 
 def submit(
