@@ -24,7 +24,7 @@ number to ``bench/results/reproduce.json``. ``--quick`` is a smoke run (three fr
 trial, few images, one epoch).
 
 Run: ``.venv/bin/python bench/reproduce.py --checkpoint bench/out/ucm14_resnet18_128.safetensors``
-(about 30–40 min on 2 CPU cores; ``--quick``: a few minutes).
+(22 min on 2 quiet CPU cores, measured; ``--quick``: a few minutes).
 """
 
 from __future__ import annotations
